@@ -1,0 +1,39 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+# torch/torchvision only serve the parity tests (timm reference); this pair installs from
+# the machine's local wheels (see WORKSPACE.md) instead of a multi-GB registry download.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e ".[test,parity]"
+	touch $@ $(RUNTIME_STAMP)
+
+demo: $(RUNTIME_STAMP)
+	$(BIN)/python scripts/demo.py
+
+browser:
+	@bash scripts/install_chromium.sh
+
+test: $(TEST_STAMP) browser
+	$(BIN)/python -m pytest -q tests
+
+bench: $(TEST_STAMP)
+	$(BIN)/python scripts/bench.py all
+
+clean:
+	rm -rf $(VENV) demo_out
