@@ -1,0 +1,300 @@
+"""Import timm / spotID PyTorch weights into this package's Flax models.
+
+Weights map by name: our submodules are named after timm's state-dict keys with
+`.<index>` written `_<index>`, so every Flax leaf has exactly one timm key. Every leaf must
+be found with the right shape and every checkpoint tensor must be used (batch-norm
+counters and, for a backbone without classifier, the classifier excepted), so a wrong
+`--backbone` fails loudly instead of loading half a model.
+
+The stem is widened from the checkpoint's 3 input channels to `in_chans`: the RGB filters
+are kept and every extra channel starts as a copy of the first (red) channel's filters,
+as spotID does for its edge channel.
+
+    python -m leopard_jax.models.convert --timm tf_efficientnetv2_b2.safetensors \
+        --backbone efficientnetv2_b2 --in-chans 4 --out models/b2_imagenet
+    python -m leopard_jax.models.convert --spotid spotid.pth --backbone efficientnetv2_b2 --out models/spotid
+
+`--timm` imports a backbone only: the embedding projection is freshly initialised
+(`--seed`), so the result is a starting point for training, not a usable embedder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+# Nested wrappers seen around a state dict in training checkpoints.
+WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+SPOTID_EMBEDDING = "embedding_layer"
+
+
+class ConvertError(ValueError):
+    """A checkpoint that does not fit the requested model; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """{key: float32 array} from `.safetensors` (no torch needed) or a torch pickle
+    (`.pth`/`.pt`/`.bin`, loaded with weights_only=True), unwrapping `{"state_dict": ...}`
+    style containers and a DataParallel `module.` prefix."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file; pass the path of a .pth or .safetensors checkpoint")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = _torch_load(path)
+    except ConvertError:
+        raise
+    except Exception as e:  # corrupt or foreign file: name it, say what was expected
+        raise ConvertError(f"{path}: cannot read as a {'safetensors' if path.suffix == '.safetensors' else 'torch'} "
+                           f"checkpoint ({type(e).__name__}: {e}); is it a complete state dict file?") from e
+    while isinstance(state, Mapping) and not _is_tensor_dict(state):
+        inner = next((state[k] for k in WRAPPER_KEYS if k in state and isinstance(state[k], Mapping)), None)
+        if inner is None:
+            raise ConvertError(f"{path}: holds a dict with keys {sorted(state)[:8]} but no state dict "
+                               f"(looked for {WRAPPER_KEYS}); save model.state_dict() instead")
+        state = inner
+    if not isinstance(state, Mapping):
+        raise ConvertError(f"{path}: holds a {type(state).__name__}, not a state dict; save model.state_dict()")
+    return {re.sub(r"^module\.", "", k): _to_numpy(v) for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+
+def _torch_load(path: pathlib.Path):
+    try:
+        import torch
+    except ImportError as e:
+        raise ConvertError(f"{path}: reading .pth needs torch (pip install torch), or convert the file to "
+                           ".safetensors elsewhere") from e
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_tensor_dict(d: Mapping) -> bool:
+    return bool(d) and all(hasattr(v, "shape") for v in d.values())
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor, possibly half precision
+        value = value.detach().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def timm_key(path: tuple[str, ...]) -> str:
+    """Flax variable path -> timm key: ("params", "blocks_3_0", "conv_dw", "kernel") ->
+    "blocks.3.0.conv_dw.weight"; batch_stats mean/var -> running_mean/running_var."""
+    collection, *modules, leaf = path
+    names = [re.sub(r"_(?=\d)", ".", m) for m in modules]
+    if collection == "batch_stats":
+        leaf = {"mean": "running_mean", "var": "running_var"}[leaf]
+    else:
+        leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    return ".".join(names + [leaf])
+
+
+def to_flax_layout(array: np.ndarray) -> np.ndarray:
+    """torch conv OIHW -> HWIO, linear [out, in] -> [in, out]; vectors unchanged."""
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def widen_stem(weight: np.ndarray, in_chans: int) -> np.ndarray:
+    """torch OIHW stem with 3 input channels -> `in_chans`: RGB kept, each extra channel a
+    copy of the first channel's filters."""
+    have = weight.shape[1]
+    if in_chans < have:
+        raise ConvertError(f"cannot narrow the stem from {have} to {in_chans} input channels; use --in-chans >= {have}")
+    extra = np.repeat(weight[:, :1], in_chans - have, axis=1)
+    return np.concatenate([weight, extra], axis=1)
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+    import jax
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
+
+
+def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return out
+
+
+def _backbone_template(backbone: str, num_classes: int, in_chans: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from leopard_jax.models import build_backbone
+
+    model = build_backbone(backbone, num_classes=num_classes)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, in_chans)), train=False))
+
+
+def find_prefix(state: Mapping[str, np.ndarray], template: dict, where: str) -> str:
+    """The prefix (`""`, `"backbone."`, `"model."`, ...) under which the backbone's keys sit:
+    the shortest one that completes the stem's key."""
+    stem = next(timm_key(p) for p, leaf in _flat(template).items() if len(leaf.shape) == 4)
+    prefixes = [k[: -len(stem)] for k in state if k.endswith(stem) and (k == stem or k[-len(stem) - 1] == ".")]
+    if not prefixes:
+        raise ConvertError(f"{where}: no key ending in {stem!r}; is this a checkpoint of the backbone you named?")
+    return min(prefixes, key=len)
+
+
+def convert_backbone(state: Mapping[str, np.ndarray], backbone: str, in_chans: int, *, num_classes: int = 0,
+                     where: str = "checkpoint", prefix: str | None = None) -> tuple[dict, set[str]]:
+    """timm state dict -> ({"params", "batch_stats"} for `build_backbone(backbone,
+    num_classes=num_classes)`, the set of state keys used). The stem is widened to
+    `in_chans`; with num_classes=0 the checkpoint's classifier is ignored."""
+    template = _backbone_template(backbone, num_classes, in_chans)
+    if prefix is None:
+        prefix = find_prefix(state, template, where)
+    used, flat = set(), {}
+    for path, leaf in _flat(template).items():
+        key = prefix + timm_key(path)
+        if key not in state:
+            raise ConvertError(f"{where}: missing {key!r} for backbone {backbone}; check --backbone")
+        value = state[key]
+        if value.ndim == 4 and value.shape[1] != leaf.shape[2] and leaf.shape[2] == in_chans:
+            value = widen_stem(value, in_chans)
+        value = to_flax_layout(value)
+        if value.shape != tuple(leaf.shape):
+            raise ConvertError(f"{where}: {key!r} has shape {value.shape} after layout change, "
+                               f"{backbone} needs {tuple(leaf.shape)}; check --backbone")
+        flat[path] = value
+        used.add(key)
+    if num_classes == 0:  # the classifier belongs to the checkpoint, not to a feature backbone
+        full = _backbone_template(backbone, 1000, in_chans)
+        used |= {prefix + timm_key(p) for p in _flat(full)} & set(state)
+    return _unflatten(flat), used
+
+
+def _check_all_used(state: Mapping[str, np.ndarray], used: set[str], where: str, backbone: str) -> None:
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ConvertError(f"{where}: {len(unused)} tensors not used by {backbone}, e.g. {unused[:3]}; "
+                           "check --backbone (B0..B3 differ in depth and width)")
+
+
+def load_timm_backbone(path: str | pathlib.Path, backbone: str, in_chans: int = 4, *,
+                       num_classes: int = 0) -> dict:
+    """{"params", "batch_stats"} for `build_backbone(backbone, num_classes=num_classes)` from
+    a timm checkpoint, stem widened to `in_chans`."""
+    state = read_state_dict(path)
+    variables, used = convert_backbone(state, backbone, in_chans, num_classes=num_classes, where=str(path))
+    _check_all_used(state, used, str(path), backbone)
+    return variables
+
+
+def convert_spotid(state: Mapping[str, np.ndarray], backbone: str, where: str = "checkpoint") -> tuple[dict, dict]:
+    """spotID EmbeddingNetwork state dict -> (variables, EmbeddingModel kwargs) for
+    `EmbeddingModel(head="spotid")`: timm backbone with its classifier, then
+    `embedding_layer` Linear(1000 -> dims)."""
+    emb_keys = [k for k in state if k.endswith(f"{SPOTID_EMBEDDING}.weight")]
+    if len(emb_keys) != 1:
+        raise ConvertError(f"{where}: expected one '{SPOTID_EMBEDDING}.weight' (spotID EmbeddingNetwork), "
+                           f"found {len(emb_keys)}; for a plain timm backbone use --timm")
+    emb_prefix = emb_keys[0][: -len("weight")]
+    emb_w, emb_b = state[emb_prefix + "weight"], state[emb_prefix + "bias"]
+    stem = [v for k, v in state.items() if v.ndim == 4 and not k.startswith(emb_prefix)]
+    in_chans = stem[0].shape[1] if stem else 3
+    rest = {k: v for k, v in state.items() if not k.startswith(emb_prefix)}
+    backbone_vars, used = convert_backbone(rest, backbone, in_chans, num_classes=emb_w.shape[1], where=where)
+    _check_all_used(rest, used, where, backbone)
+    variables = {
+        "params": {"backbone": backbone_vars["params"], "embedding": {"kernel": emb_w.T, "bias": emb_b}},
+        "batch_stats": {"backbone": backbone_vars["batch_stats"]},
+    }
+    return variables, {"head": "spotid", "dims": int(emb_w.shape[0]), "in_chans": int(in_chans)}
+
+
+def load_spotid(path: str | pathlib.Path, backbone: str) -> tuple[dict, dict]:
+    """(variables, EmbeddingModel kwargs) from a spotID checkpoint file."""
+    return convert_spotid(read_state_dict(path), backbone, where=str(path))
+
+
+def with_fresh_head(backbone_vars: dict, backbone: str, head: str, dims: int, in_chans: int, seed: int) -> dict:
+    """EmbeddingModel variables: the imported backbone plus a seeded, freshly initialised
+    projection (the only part a timm ImageNet checkpoint cannot supply)."""
+    import jax
+    import jax.numpy as jnp
+
+    from leopard_jax.models.embedding import EmbeddingModel
+
+    model = EmbeddingModel(backbone, head=head, dims=dims)
+    init = jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, in_chans))))()
+    return {
+        "params": {"backbone": backbone_vars["params"], "embedding": jax.device_get(init["params"]["embedding"])},
+        "batch_stats": {"backbone": backbone_vars["batch_stats"]},
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m leopard_jax.models.convert",
+        description="Import a timm backbone or a whole spotID EmbeddingNetwork checkpoint as a leopard_jax "
+                    "model directory (read by embed, and by train as a starting point).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--timm", metavar="FILE", help="timm state dict (.pth or .safetensors); backbone only, "
+                        "the embedding projection is freshly initialised with --seed")
+    source.add_argument("--spotid", metavar="FILE", help="spotID EmbeddingNetwork checkpoint (.pth or .safetensors)")
+    parser.add_argument("--backbone", required=True, help="efficientnetv2_b0..b3 (or tf_efficientnetv2_b0..b3), resnet18")
+    parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
+    parser.add_argument("--in-chans", type=int, default=4, help="input channels for --timm (stem widened; default 4)")
+    parser.add_argument("--head", choices=("pooled", "spotid"), default="pooled", help="embedding head for --timm")
+    parser.add_argument("--dims", type=int, default=1024, help="embedding size for --timm")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh projection for --timm")
+    parser.add_argument("--height", type=int, default=256, help="input height recorded in model.json")
+    parser.add_argument("--width", type=int, default=512, help="input width recorded in model.json")
+    args = parser.parse_args(argv)
+
+    from leopard_jax import model_io
+    from leopard_jax.models import canonical_name
+
+    try:
+        backbone = canonical_name(args.backbone)
+        if args.timm:
+            classes = 1000 if args.head == "spotid" else 0
+            backbone_vars = load_timm_backbone(args.timm, backbone, args.in_chans, num_classes=classes)
+            variables = with_fresh_head(backbone_vars, backbone, args.head, args.dims, args.in_chans, args.seed)
+            kwargs = {"head": args.head, "dims": args.dims, "in_chans": args.in_chans}
+            info = {"source": "timm", "checkpoint": str(pathlib.Path(args.timm).absolute()),
+                    "note": f"backbone imported; embedding projection freshly initialised (seed {args.seed})"}
+        else:
+            variables, kwargs = load_spotid(args.spotid, backbone)
+            info = {"source": "spotid", "checkpoint": str(pathlib.Path(args.spotid).absolute())}
+    except (ConvertError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    description = {"model": {"backbone": backbone, **kwargs},
+                   "input": {"height": args.height, "width": args.width}, "info": info}
+    model_io.save_model(args.out, variables, description)
+    print(f"wrote {args.out} ({backbone}, head {kwargs['head']}, {kwargs['in_chans']} input channels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
