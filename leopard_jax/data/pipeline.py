@@ -1,0 +1,144 @@
+"""grain input pipeline: records → identity-grouped order → augment → normalise → batches.
+
+One training epoch is a fixed table of record indices (`sampling`), so its length is
+known up front, every process of a multi-host run agrees on it, and each process loads
+only its own columns (whole device shards). Each element's randomness comes from
+(seed, epoch, position in the epoch table), never from worker state, so the stream is
+the same for any worker count and resumes exactly from a saved iterator state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import grain
+import numpy as np
+
+from leopard_jax.data import augment as augment_lib
+from leopard_jax.data import records, sampling
+
+Row = Mapping[str, str]
+
+
+def class_names(rows: Sequence[Row], *, keep_singletons: bool = True) -> list[str]:
+    """Sorted identities that get a label; the label of a row is its index here.
+
+    With keep_singletons=False, identities with one image get none (CosFace has no class
+    centre for them); rows with an empty identity never get one.
+    """
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["identity"]:
+            counts[row["identity"]] = counts.get(row["identity"], 0) + 1
+    return sorted(name for name, n in counts.items() if keep_singletons or n > 1)
+
+
+def label_array(rows: Sequence[Row], classes: Sequence[str]) -> np.ndarray:
+    """int32 [N]: index of each row's identity in `classes`, -1 when it has none."""
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index.get(row["identity"], -1) for row in rows], dtype=np.int32)
+
+
+class _Example:
+    """Position in the epoch table -> one example dict. Picklable, for grain workers."""
+
+    def __init__(self, source: records.RecordSource, table: np.ndarray, positions: np.ndarray,
+                 labels: np.ndarray, config: augment_lib.AugmentConfig | None, seed: int, epoch: int):
+        self.source, self.table, self.positions, self.labels = source, table, positions, labels
+        self.config, self.seed, self.epoch = config, seed, epoch
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        index = int(self.table[i])
+        if index < 0:
+            return {"image": np.zeros(self.source.shape, np.float32), "label": np.int32(-1), "mask": np.bool_(False)}
+        image = self.source[index]
+        if self.config is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(self.positions[i])])
+            image = augment_lib.augment(image, rng, self.config)
+        return {"image": augment_lib.normalize(image), "label": np.int32(self.labels[index]), "mask": np.bool_(True)}
+
+
+def _batched(example: _Example, batch: int, worker_count: int, read_threads: int) -> grain.IterDataset:
+    dataset = grain.MapDataset.range(len(example.table)).map(example).batch(batch)
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads or 1))
+    if worker_count > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2))
+    return dataset
+
+
+class Epoch(NamedTuple):
+    """One epoch of batches: `iterator` has get_state()/set_state(); `steps` batches."""
+
+    iterator: grain.DatasetIterator
+    steps: int
+
+
+def train_table(rows: Sequence[Row], *, global_batch: int, seed: int, epoch: int, num_devices: int,
+                keep_singletons: bool = False, images_per_identity: int = 4) -> np.ndarray:
+    """The epoch's [steps, global_batch] table of row indices (-1 pads), same on every process."""
+    labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
+    groups = sampling.epoch_groups(labels, seed=seed, epoch=epoch, images_per_identity=images_per_identity,
+                                   keep_singletons=keep_singletons)
+    if not groups:
+        raise ValueError("no training images: every identity was dropped (unlabelled or a single image); "
+                         "check the split or set keep_singletons")
+    return sampling.epoch_batches(groups, global_batch=global_batch, num_shards=num_devices)
+
+
+def train_loader(
+    source_rows: Sequence[Row],
+    dataset_dir: str | os.PathLike,
+    *,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    num_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    augment_config: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
+    worker_count: int = 0,
+    read_threads: int = 2,
+    keep_singletons: bool = False,
+    images_per_identity: int = 4,
+) -> Epoch:
+    """This process's batches for one epoch: [global_batch / process_count, H, W, 4] each.
+
+    `num_devices` is the global device count; device shards are contiguous, so
+    `x.reshape(local_devices, -1, ...)` keeps each identity group on one device. Labels
+    index `class_names(source_rows, keep_singletons=keep_singletons)`.
+    """
+    rows = list(source_rows)
+    table = train_table(rows, global_batch=global_batch, seed=seed, epoch=epoch, num_devices=num_devices,
+                        keep_singletons=keep_singletons, images_per_identity=images_per_identity)
+    columns = sampling.process_columns(global_batch, num_devices, process_index, process_count)
+    positions = np.arange(table.size).reshape(table.shape)[:, columns]
+    labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
+    example = _Example(records.RecordSource(dataset_dir, rows), table[:, columns].ravel(), positions.ravel(),
+                       labels, augment_lib.AugmentConfig.of(augment_config), int(seed), int(epoch))
+    dataset = _batched(example, columns.stop - columns.start, worker_count, read_threads)
+    return Epoch(iter(dataset), len(table))
+
+
+def eval_batches(
+    source_rows: Sequence[Row],
+    dataset_dir: str | os.PathLike,
+    *,
+    batch: int,
+    worker_count: int = 0,
+    read_threads: int = 2,
+) -> Epoch:
+    """All rows in order, unaugmented, in batches of `batch`; the last is padded (mask False).
+
+    Labels index `class_names(source_rows)`; a row without identity has label -1, mask True.
+    """
+    rows = list(source_rows)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    steps = -(-len(rows) // batch)
+    table = np.full(steps * batch, -1, dtype=np.int64)
+    table[: len(rows)] = np.arange(len(rows))
+    example = _Example(records.RecordSource(dataset_dir, rows), table, np.arange(len(table)),
+                       label_array(rows, class_names(rows)), None, 0, 0)
+    return Epoch(iter(_batched(example, batch, worker_count, read_threads)), steps)

@@ -1,0 +1,270 @@
+"""Synthetic camera-trap photos of spotted animals: the project's built-in demo data.
+
+Each animal owns two fixed random coats (left and right flank), drawn once in a
+canonical side-view frame: rosettes (broken rings around a darker centre) on the body,
+solid spots on head, legs and belly. A photo warps that coat through a random
+perspective pose into a cluttered scene, then varies leg/tail pose, lighting (day, flash,
+IR-grey), exposure, vignetting, occlusion by vegetation, blur and sensor noise — so the
+coat is the only thing that identifies the animal, and raw pixels mostly do not.
+
+Output is a folder per identity, `<animal>_<flank>/<n>.jpg` (one identity per flank, as
+spotID's folders), ready for `python -m leopard_jax.preprocess`. `write_records_dataset`
+skips preprocessing and writes a dataset directory directly, for tests.
+Everything is deterministic for a seed: every image has its own generator seeded by
+(seed, animal, flank[, photo]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+
+FLANKS = ("left", "right")
+COAT_H, COAT_W = 256, 512  # canonical side view, head to the right (the right flank)
+
+
+def identity_names(identities: int) -> list[tuple[str, int, str]]:
+    """(identity, animal, flank) for the first `identities` flanks: animal i gives 2i, 2i+1."""
+    return [(f"A{n // 2:03d}_{FLANKS[n % 2]}", n // 2, FLANKS[n % 2]) for n in range(identities)]
+
+
+def _coat(rng: np.random.Generator) -> np.ndarray:
+    """BGR uint8 COAT_H×COAT_W: golden base with a paler belly, rosettes and spots."""
+    base = np.array([55, 140, 200], np.float32) * rng.uniform(0.8, 1.1, 3)
+    belly = np.array([170, 205, 225], np.float32)
+    y = np.linspace(0, 1, COAT_H, dtype=np.float32)[:, None, None]
+    mix = np.clip((y - 0.55) * 3.0, 0, 1)
+    coat = (base * (1 - mix) + belly * mix) * np.ones((1, COAT_W, 1), np.float32)
+    coat = coat.astype(np.uint8)
+    dark = tuple(int(v) for v in rng.integers(10, 35, 3))
+    spacing = rng.uniform(22, 28)
+    for gy in np.arange(spacing / 2, COAT_H, spacing * 0.87):
+        for gx in np.arange(spacing / 2, COAT_W, spacing):
+            cx, cy = gx + rng.uniform(-0.35, 0.35) * spacing, gy + rng.uniform(-0.35, 0.35) * spacing
+            centre = (int(cx), int(cy))
+            on_body = 60 < cy < 165 and 70 < cx < 420
+            if on_body and rng.random() < 0.85:  # rosette: darker centre, broken ring
+                r = rng.uniform(6, 11)
+                axes = (int(r * rng.uniform(0.9, 1.3)), int(r))
+                tilt = rng.uniform(0, 180)
+                cv2.ellipse(coat, centre, axes, tilt, 0, 360, tuple(int(v * 0.75) for v in base), -1, cv2.LINE_AA)
+                start = rng.uniform(0, 360)
+                for arc in np.sort(rng.uniform(0, 360, rng.integers(3, 6))):
+                    span = rng.uniform(35, 70)
+                    cv2.ellipse(coat, centre, axes, tilt, start + arc, start + arc + span, dark,
+                                int(rng.integers(3, 5)), cv2.LINE_AA)
+            else:  # solid spot
+                r = rng.uniform(2.5, 6.0) if not on_body else rng.uniform(4, 7)
+                axes = (int(r * rng.uniform(0.8, 1.4)), max(int(r), 1))
+                cv2.ellipse(coat, centre, axes, rng.uniform(0, 180), 0, 360, dark, -1, cv2.LINE_AA)
+    return coat
+
+
+def _body(rng: np.random.Generator, shape: np.ndarray) -> np.ndarray:
+    """uint8 COAT_H×COAT_W silhouette mask for one pose: torso, head, legs, tail."""
+    mask = np.zeros((COAT_H, COAT_W), np.uint8)
+    s = shape  # per-animal proportions: torso length, depth, head size
+    cv2.ellipse(mask, (250, 110), (int(170 * s[0]), int(58 * s[1])), 0, 0, 360, 255, -1)
+    cv2.ellipse(mask, (375, 108), (70, int(62 * s[1])), -10, 0, 360, 255, -1)
+    cv2.ellipse(mask, (140, 108), (70, int(60 * s[1])), 5, 0, 360, 255, -1)
+    head = (452, int(78 + rng.uniform(-8, 8)))
+    cv2.ellipse(mask, head, (int(40 * s[2]), int(34 * s[2])), 0, 0, 360, 255, -1)
+    cv2.fillConvexPoly(mask, np.array([[400, 75], [445, 55], [460, 110], [405, 150]], np.int32), 255)
+    for ex in (438, 462):
+        cv2.circle(mask, (ex, head[1] - int(30 * s[2])), 9, 255, -1)
+    for x, phase in ((115, 0.0), (170, 1.6), (345, 0.8), (395, 2.4)):  # legs swing with the gait
+        swing = np.sin(rng.uniform(0, 2 * np.pi) + phase) * 28
+        top, foot = (x, 140), (int(x + swing), 244)
+        cv2.line(mask, top, foot, 255, 26, cv2.LINE_AA)
+        cv2.ellipse(mask, foot, (16, 8), 0, 0, 360, 255, -1)
+    t = np.linspace(0, 1, 12)
+    curl = rng.uniform(-60, 60)
+    tail = np.stack([85 - 80 * t, 95 + 120 * t**1.5 - curl * t**3], 1).astype(np.int32)
+    cv2.polylines(mask, [tail], False, 255, 14, cv2.LINE_AA)
+    return mask
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """float32 BGR scene: ground and vegetation blotches, grass strokes, stones."""
+    ground = rng.uniform(60, 150) * np.array(rng.uniform([0.6, 0.8, 0.9], [0.8, 1.0, 1.2]), np.float32)
+    bush = rng.uniform(30, 110) * np.array(rng.uniform([0.5, 0.9, 0.6], [0.8, 1.2, 0.9]), np.float32)
+    horizon = rng.uniform(0.35, 0.65) * height
+    y = np.arange(height, dtype=np.float32)[:, None, None]
+    mix = 1 / (1 + np.exp((y - horizon) / (0.05 * height)))
+    scene = bush * mix + ground * (1 - mix) * np.ones((1, width, 1), np.float32)
+    for cells in (8, 32):
+        noise = rng.uniform(0.6, 1.4, (cells * height // width + 1, cells, 1)).astype(np.float32)
+        scene = scene * cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
+    scene = np.clip(scene, 0, 255)
+    for _ in range(int(rng.integers(40, 90))):
+        x, y0 = rng.uniform(0, width), rng.uniform(0, height)
+        tip = (int(x + rng.uniform(-25, 25)), int(y0 - rng.uniform(15, 60)))
+        colour = tuple(float(v) for v in bush * rng.uniform(0.6, 1.8))
+        cv2.line(scene, (int(x), int(y0)), tip, colour, int(rng.integers(1, 3)), cv2.LINE_AA)
+    for _ in range(int(rng.integers(3, 10))):
+        centre = (int(rng.uniform(0, width)), int(rng.uniform(horizon, height)))
+        axes = (int(rng.uniform(8, 40)), int(rng.uniform(5, 20)))
+        cv2.ellipse(scene, centre, axes, 0, 0, 360, tuple(float(v) for v in ground * rng.uniform(0.5, 1.5)), -1)
+    return scene
+
+
+def _pose(rng: np.random.Generator, height: int, width: int, flank: str) -> np.ndarray:
+    """3×3 homography from the canonical coat frame into the photo (the animal fills much of it)."""
+    span = rng.uniform(0.72, 0.95) * width
+    aspect = rng.uniform(0.85, 1.1) * COAT_H / COAT_W
+    cx = width / 2 + rng.uniform(-0.5, 0.5) * (width - span)
+    cy = height * rng.uniform(0.45, 0.6)
+    half_w, half_h = span / 2, span * aspect / 2
+    near = rng.uniform(0.8, 1.0)  # perspective: one end farther away
+    left_scale, right_scale = (near, 1.0) if rng.random() < 0.5 else (1.0, near)
+    dst = np.array([[-half_w, -half_h * left_scale], [half_w, -half_h * right_scale],
+                    [half_w, half_h * right_scale], [-half_w, half_h * left_scale]], np.float32)
+    angle = np.deg2rad(rng.uniform(-8, 8))
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], np.float32)
+    dst = dst @ rot.T + np.array([cx, cy], np.float32)
+    src = np.array([[0, 0], [COAT_W, 0], [COAT_W, COAT_H], [0, COAT_H]], np.float32)
+    if flank == "left":  # seen from the left, the animal faces left: mirror the canonical view
+        src = src[[1, 0, 3, 2]]
+    return cv2.getPerspectiveTransform(src, dst)
+
+
+_NOISE_BANK: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Unit Gaussian sensor noise: a random window of a fixed bank (drawing 1M normals per
+    photo would dominate the generator's time)."""
+    if (height, width) not in _NOISE_BANK:
+        bank = np.random.default_rng(12345).standard_normal((height + 64, width + 64, 3), dtype=np.float32)
+        _NOISE_BANK[(height, width)] = bank
+    y, x = rng.integers(0, 64, 2)
+    return _NOISE_BANK[(height, width)][y : y + height, x : x + width]
+
+
+def render_photo(coat: np.ndarray, shape: np.ndarray, flank: str, rng: np.random.Generator,
+                 height: int = 480, width: int = 640) -> np.ndarray:
+    """One BGR uint8 photo of the animal with this coat."""
+    scene = cv2.resize(_background(rng, height // 2, width // 2), (width, height), interpolation=cv2.INTER_LINEAR)
+    body = _body(rng, shape)
+    shade = np.linspace(1.15, 0.75, COAT_H, dtype=np.float32)[:, None, None]  # lit from above
+    homography = _pose(rng, height, width, flank)
+    animal = cv2.warpPerspective((coat * shade).clip(0, 255), homography, (width, height), flags=cv2.INTER_LINEAR)
+    alpha = cv2.warpPerspective(body, homography, (width, height), flags=cv2.INTER_LINEAR)
+    alpha = cv2.GaussianBlur(alpha, (3, 3), 0).astype(np.float32) * np.float32(1 / 255)
+    image = cv2.blendLinear(scene, animal, 1 - alpha, alpha)
+    if rng.random() < 0.5:  # occluding vegetation in front of the animal
+        leaf = tuple(float(v) for v in rng.uniform([10, 40, 20], [60, 120, 70]))
+        for _ in range(int(rng.integers(1, 5))):
+            x0 = rng.uniform(0, width)
+            points = np.stack([x0 + np.cumsum(rng.uniform(-30, 30, 6)), np.linspace(height, rng.uniform(0, height), 6)], 1)
+            cv2.polylines(image, [points.astype(np.int32)], False, leaf, int(rng.integers(8, 30)), cv2.LINE_AA)
+    mode = rng.choice(3, p=[0.35, 0.3, 0.35])  # day, flash (warm, vignetted), IR (grey)
+    if mode >= 1:
+        yy, xx = np.ogrid[:height, :width]
+        r2 = ((xx - width / 2) / width) ** 2 + ((yy - height / 2) / height) ** 2
+        vignette = (1.2 - rng.uniform(0.8, 1.6) * r2).astype(np.float32)
+        image = image * vignette[..., None]
+    if mode == 2:
+        tint = np.array(rng.uniform([0.95, 0.95, 0.9], [1.1, 1.05, 1.0]), np.float32)
+        image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR) * tint
+    exposure, black = rng.uniform(0.55, 1.7), rng.uniform(-20, 20)
+    image = cv2.addWeighted(image, exposure, image, 0.0, black, dtype=cv2.CV_8U)  # saturates like a sensor
+    sigma = rng.uniform(0.0, 1.8)
+    if sigma > 0.4:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    noisy = cv2.scaleAdd(_noise(rng, height, width), rng.uniform(2, 9), image.astype(np.float32))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _animal_shape(seed: int, animal: int) -> np.ndarray:
+    return np.random.default_rng([seed, animal, 99]).uniform(0.9, 1.1, 3)
+
+
+def photos(identities: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
+           ) -> Iterator[tuple[str, str, str, np.ndarray]]:
+    """(identity, flank, file stem, BGR photo) for every photo, in a fixed order."""
+    for identity, animal, flank in identity_names(identities):
+        coat = _coat(np.random.default_rng([seed, animal, FLANKS.index(flank)]))
+        shape = _animal_shape(seed, animal)
+        for n in range(images_per_identity):
+            rng = np.random.default_rng([seed, animal, FLANKS.index(flank), n + 1])
+            yield identity, flank, f"{identity}_{n:03d}", render_photo(coat, shape, flank, rng, height, width)
+
+
+def write_photos(out: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
+                 height: int = 480, width: int = 640) -> int:
+    """Identity folders of JPEGs (`OUT/<identity>/<identity>_<n>.jpg`); returns the count."""
+    out = pathlib.Path(out)
+    count = 0
+    for identity, _, stem, image in photos(identities, images_per_identity, seed, height, width):
+        folder = out / identity
+        folder.mkdir(parents=True, exist_ok=True)
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for {folder / stem}.jpg")
+        (folder / f"{stem}.jpg").write_bytes(data.tobytes())
+        count += 1
+    return count
+
+
+def simple_edges(bgr: np.ndarray) -> np.ndarray:
+    """A stand-in edge channel (grey → blur → Canny), for datasets written without preprocess."""
+    grey = cv2.GaussianBlur(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+    return cv2.Canny(grey, 55, 160)
+
+
+def write_records_dataset(dataset_dir: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
+                          height: int = 64, width: int = 128, photo_height: int = 240, photo_width: int = 320) -> int:
+    """A complete dataset directory (records.py format) straight from synthetic photos.
+
+    The whole photo is the crop (like `--detector none`); the edge channel is `simple_edges`,
+    not preprocess's. Returns the number of records.
+    """
+    from leopard_jax.data import records
+
+    dataset_dir = pathlib.Path(dataset_dir)
+    for sub in ("crops", "edges"):
+        (dataset_dir / sub).mkdir(parents=True, exist_ok=True)
+    records.save_settings(dataset_dir, {"height": height, "width": width, "channels": 4,
+                                        "source": "leopard_jax.data.synthetic", "seed": seed, "edges": "simple"})
+
+    def items():
+        for identity, flank, stem, photo in photos(identities, images_per_identity, seed, photo_height, photo_width):
+            crop = cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
+            edge = simple_edges(crop)
+            key = f"{identity}/{stem}#0"
+            crop_rel, edge_rel = f"crops/{identity}__{stem}.jpg", f"edges/{identity}__{stem}.jpg"
+            cv2.imwrite(str(dataset_dir / crop_rel), crop)
+            cv2.imwrite(str(dataset_dir / edge_rel), edge)
+            row = {"key": key, "source": f"{identity}/{stem}.jpg", "identity": identity, "flank": flank,
+                   "crop": crop_rel, "edge": edge_rel}
+            yield row, np.dstack([crop[..., ::-1], edge])
+
+    return records.write_records(dataset_dir, "synthetic-00000", items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m leopard_jax.data.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write <identity>/<photo>.jpg into")
+    parser.add_argument("--identities", type=int, default=40, help="identity folders (two flanks per animal)")
+    parser.add_argument("--images-per-identity", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=480, help="photo height in pixels")
+    parser.add_argument("--width", type=int, default=640, help="photo width in pixels")
+    args = parser.parse_args(argv)
+    if args.identities < 1 or args.images_per_identity < 1 or args.height < 32 or args.width < 32:
+        parser.error("--identities and --images-per-identity must be >= 1, --height/--width >= 32")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder")
+    n = write_photos(out, args.identities, args.images_per_identity, args.seed, args.height, args.width)
+    print(f"wrote {n} photos of {args.identities} identities to {out}")
+
+
+if __name__ == "__main__":
+    main()
