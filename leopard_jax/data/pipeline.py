@@ -9,9 +9,10 @@ the same for any worker count and resumes exactly from a saved iterator state.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import grain
 import numpy as np
@@ -68,17 +69,30 @@ def _batched(example: _Example, batch: int, worker_count: int, read_threads: int
     return dataset
 
 
-class Epoch(NamedTuple):
-    """One epoch of batches: `iterator` has get_state()/set_state(); `steps` batches."""
+@dataclasses.dataclass(frozen=True)
+class Epoch:
+    """One epoch of `steps` batches. `iter(epoch)` is always the same grain iterator, whose
+    get_state()/set_state() save and restore the position (state is a small dict)."""
 
     iterator: grain.DatasetIterator
     steps: int
 
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return self.iterator
+
 
 def train_table(rows: Sequence[Row], *, global_batch: int, seed: int, epoch: int, num_devices: int,
-                keep_singletons: bool = False, images_per_identity: int = 4) -> np.ndarray:
-    """The epoch's [steps, global_batch] table of row indices (-1 pads), same on every process."""
-    labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
+                keep_singletons: bool = False, images_per_identity: int = 4,
+                labels: np.ndarray | None = None) -> np.ndarray:
+    """The epoch's [steps, global_batch] table of row indices (-1 pads), same on every process.
+
+    Groups are formed from `labels` (default: `label_array(rows, class_names(rows, ...))`).
+    """
+    if labels is None:
+        labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
     groups = sampling.epoch_groups(labels, seed=seed, epoch=epoch, images_per_identity=images_per_identity,
                                    keep_singletons=keep_singletons)
     if not groups:
@@ -102,19 +116,25 @@ def train_loader(
     read_threads: int = 2,
     keep_singletons: bool = False,
     images_per_identity: int = 4,
+    labels: np.ndarray | None = None,
 ) -> Epoch:
     """This process's batches for one epoch: [global_batch / process_count, H, W, 4] each.
 
     `num_devices` is the global device count; device shards are contiguous, so
     `x.reshape(local_devices, -1, ...)` keeps each identity group on one device. Labels
-    index `class_names(source_rows, keep_singletons=keep_singletons)`.
+    index `class_names(source_rows, keep_singletons=keep_singletons)` unless `labels`
+    (int [N], -1 = no class) gives the caller's own mapping.
     """
     rows = list(source_rows)
+    if labels is None:
+        labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
+    labels = np.asarray(labels, dtype=np.int32)
+    if labels.shape != (len(rows),):
+        raise ValueError(f"labels has shape {labels.shape}; expected one per row ({len(rows)},)")
     table = train_table(rows, global_batch=global_batch, seed=seed, epoch=epoch, num_devices=num_devices,
-                        keep_singletons=keep_singletons, images_per_identity=images_per_identity)
+                        keep_singletons=keep_singletons, images_per_identity=images_per_identity, labels=labels)
     columns = sampling.process_columns(global_batch, num_devices, process_index, process_count)
     positions = np.arange(table.size).reshape(table.shape)[:, columns]
-    labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
     example = _Example(records.RecordSource(dataset_dir, rows), table[:, columns].ravel(), positions.ravel(),
                        labels, augment_lib.AugmentConfig.of(augment_config), int(seed), int(epoch))
     dataset = _batched(example, columns.stop - columns.start, worker_count, read_threads)
