@@ -65,6 +65,10 @@ def _batched(example: _Example, batch: int, worker_count: int, read_threads: int
     dataset = grain.MapDataset.range(len(example.table)).map(example).batch(batch)
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads or 1))
     if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2))
     return dataset
 
