@@ -42,14 +42,14 @@ def _coat(rng: np.random.Generator) -> np.ndarray:
     coat = (base * (1 - mix) + belly * mix) * np.ones((1, COAT_W, 1), np.float32)
     coat = coat.astype(np.uint8)
     dark = tuple(int(v) for v in rng.integers(10, 35, 3))
-    spacing = rng.uniform(22, 28)
+    spacing = rng.uniform(28, 34)
     for gy in np.arange(spacing / 2, COAT_H, spacing * 0.87):
         for gx in np.arange(spacing / 2, COAT_W, spacing):
             cx, cy = gx + rng.uniform(-0.35, 0.35) * spacing, gy + rng.uniform(-0.35, 0.35) * spacing
             centre = (int(cx), int(cy))
             on_body = 60 < cy < 165 and 70 < cx < 420
             if on_body and rng.random() < 0.85:  # rosette: darker centre, broken ring
-                r = rng.uniform(6, 11)
+                r = rng.uniform(7, 13)
                 axes = (int(r * rng.uniform(0.9, 1.3)), int(r))
                 tilt = rng.uniform(0, 180)
                 cv2.ellipse(coat, centre, axes, tilt, 0, 360, tuple(int(v * 0.75) for v in base), -1, cv2.LINE_AA)
@@ -57,9 +57,9 @@ def _coat(rng: np.random.Generator) -> np.ndarray:
                 for arc in np.sort(rng.uniform(0, 360, rng.integers(3, 6))):
                     span = rng.uniform(35, 70)
                     cv2.ellipse(coat, centre, axes, tilt, start + arc, start + arc + span, dark,
-                                int(rng.integers(3, 5)), cv2.LINE_AA)
+                                int(rng.integers(3, 6)), cv2.LINE_AA)
             else:  # solid spot
-                r = rng.uniform(2.5, 6.0) if not on_body else rng.uniform(4, 7)
+                r = rng.uniform(3, 7) if not on_body else rng.uniform(5, 8)
                 axes = (int(r * rng.uniform(0.8, 1.4)), max(int(r), 1))
                 cv2.ellipse(coat, centre, axes, rng.uniform(0, 180), 0, 360, dark, -1, cv2.LINE_AA)
     return coat
@@ -115,8 +115,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 def _pose(rng: np.random.Generator, height: int, width: int, flank: str) -> np.ndarray:
     """3×3 homography from the canonical coat frame into the photo (the animal fills much of it)."""
-    span = rng.uniform(0.72, 0.95) * width
-    aspect = rng.uniform(0.85, 1.1) * COAT_H / COAT_W
+    span = rng.uniform(0.8, 1.0) * width
+    aspect = rng.uniform(1.0, 1.25) * COAT_H / COAT_W
     cx = width / 2 + rng.uniform(-0.5, 0.5) * (width - span)
     cy = height * rng.uniform(0.45, 0.6)
     half_w, half_h = span / 2, span * aspect / 2
@@ -185,31 +185,57 @@ def _animal_shape(seed: int, animal: int) -> np.ndarray:
     return np.random.default_rng([seed, animal, 99]).uniform(0.9, 1.1, 3)
 
 
+def identity_photos(identity_index: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
+                    ) -> Iterator[tuple[str, str, str, np.ndarray]]:
+    """(identity, flank, file stem, BGR photo) for the photos of one identity."""
+    identity, animal, flank = identity_names(identity_index + 1)[identity_index]
+    coat = _coat(np.random.default_rng([seed, animal, FLANKS.index(flank)]))
+    shape = _animal_shape(seed, animal)
+    for n in range(images_per_identity):
+        rng = np.random.default_rng([seed, animal, FLANKS.index(flank), n + 1])
+        yield identity, flank, f"{identity}_{n:03d}", render_photo(coat, shape, flank, rng, height, width)
+
+
 def photos(identities: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
            ) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """(identity, flank, file stem, BGR photo) for every photo, in a fixed order."""
-    for identity, animal, flank in identity_names(identities):
-        coat = _coat(np.random.default_rng([seed, animal, FLANKS.index(flank)]))
-        shape = _animal_shape(seed, animal)
-        for n in range(images_per_identity):
-            rng = np.random.default_rng([seed, animal, FLANKS.index(flank), n + 1])
-            yield identity, flank, f"{identity}_{n:03d}", render_photo(coat, shape, flank, rng, height, width)
+    for k in range(identities):
+        yield from identity_photos(k, images_per_identity, seed, height, width)
 
 
-def write_photos(out: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
-                 height: int = 480, width: int = 640) -> int:
-    """Identity folders of JPEGs (`OUT/<identity>/<identity>_<n>.jpg`); returns the count."""
-    out = pathlib.Path(out)
+def _write_identity(out: pathlib.Path, identity_index: int, images_per_identity: int, seed: int,
+                    height: int, width: int) -> int:
+    cv2.setNumThreads(1)  # parallelism comes from the process pool
     count = 0
-    for identity, _, stem, image in photos(identities, images_per_identity, seed, height, width):
+    for identity, _, stem, image in identity_photos(identity_index, images_per_identity, seed, height, width):
         folder = out / identity
         folder.mkdir(parents=True, exist_ok=True)
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {folder / stem}.jpg")
-        (folder / f"{stem}.jpg").write_bytes(data.tobytes())
+        tmp = folder / f".{stem}.jpg.tmp"  # renamed when complete: no half-written photo
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, folder / f"{stem}.jpg")
         count += 1
     return count
+
+
+def write_photos(out: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
+                 height: int = 480, width: int = 640, workers: int = 0) -> int:
+    """Identity folders of JPEGs (`OUT/<identity>/<identity>_<n>.jpg`); returns the count.
+
+    `workers` > 0 renders identities in that many processes; the files are the same.
+    """
+    out = pathlib.Path(out)
+    jobs = [(out, k, images_per_identity, seed, height, width) for k in range(identities)]
+    if workers <= 0:
+        return sum(_write_identity(*job) for job in jobs)
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return sum(pool.map(_write_identity, *zip(*jobs)))
 
 
 def simple_edges(bgr: np.ndarray) -> np.ndarray:
@@ -256,13 +282,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=480, help="photo height in pixels")
     parser.add_argument("--width", type=int, default=640, help="photo width in pixels")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes rendering identities in parallel (0 = in this process)")
     args = parser.parse_args(argv)
     if args.identities < 1 or args.images_per_identity < 1 or args.height < 32 or args.width < 32:
         parser.error("--identities and --images-per-identity must be >= 1, --height/--width >= 32")
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder")
-    n = write_photos(out, args.identities, args.images_per_identity, args.seed, args.height, args.width)
+    n = write_photos(out, args.identities, args.images_per_identity, args.seed, args.height, args.width, args.workers)
     print(f"wrote {n} photos of {args.identities} identities to {out}")
 
 
