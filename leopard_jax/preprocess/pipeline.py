@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+from concurrent.futures.process import BrokenProcessPool
 import contextlib
 import csv
 import dataclasses
@@ -434,8 +435,11 @@ def run(config, *, log: Callable[[str], None] = lambda m: print(m, file=sys.stde
 
 
 def _write_all(settings, output, todo, stages, rejected_path, summary: Summary) -> None:
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    writer, rejected, in_chunk, seq = None, [], 0, itertools.count()
+    # Shard names sort by run start time, so read_manifest lists older runs first.
+    now = time.time()
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}-{os.getpid()}"
+    writer, rejected, in_chunk = None, [], 0
+    seq = (f"{run_id}-{i:05d}" for i in itertools.count() if not (output / records.SHARDS_DIR / f"{run_id}-{i:05d}.csv").exists())
 
     def commit():
         nonlocal writer, rejected, in_chunk
@@ -454,7 +458,7 @@ def _write_all(settings, output, todo, stages, rejected_path, summary: Summary) 
                     summary.rejected[result.rejected.split(" (")[0].split(":")[0]] += 1
                 for row, record in result.records:
                     if writer is None:
-                        writer = records.ShardWriter(output, f"{run_id}-{next(seq):05d}")
+                        writer = records.ShardWriter(output, next(seq))
                     writer.add(row, record)
                     summary.records += 1
                 summary.processed += 1
@@ -466,7 +470,7 @@ def _write_all(settings, output, todo, stages, rejected_path, summary: Summary) 
     except KeyboardInterrupt:
         commit()  # everything finished so far is kept; the rest is redone on rerun
         raise
-    except concurrent.futures.process.BrokenProcessPool:
+    except BrokenProcessPool:
         commit()
         raise PreprocessError(
             "a worker process died (out of memory? try fewer --workers); finished photos are saved, "
