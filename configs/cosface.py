@@ -4,6 +4,6 @@ from leopard_jax.config import load_config
 
 
 def get_config():
-  c = load_config(__file__, "default.py")
-  c.loss.margin_fn = "constant"
-  return c
+    c = load_config(__file__, "default.py")
+    c.loss.margin_fn = "constant"
+    return c

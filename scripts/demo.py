@@ -23,72 +23,72 @@ PY = sys.executable
 
 
 def run(*args: str) -> None:
-  print("\n$ " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
-  subprocess.run([str(a) for a in args], cwd=REPO, check=True)
+    print("\n$ " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], cwd=REPO, check=True)
 
 
 def held_out(rows, split):
-  test = set(split["test"])
-  return [r for r in rows if r["identity"] in test]
+    test = set(split["test"])
+    return [r for r in rows if r["identity"] in test]
 
 
 def raw_pixel_baseline(dataset_dir: pathlib.Path, rows) -> dict[str, float]:
-  """Nearest neighbour on raw pixels (RGB + edge, 32×64, mean-centred): the floor a learnt
-  embedding has to beat."""
-  import cv2
-  import numpy as np
+    """Nearest neighbour on raw pixels (RGB + edge, 32×64, mean-centred): the floor a learnt
+    embedding has to beat."""
+    import cv2
+    import numpy as np
 
-  from leopard_jax import metrics
-  from leopard_jax.data import records
+    from leopard_jax import metrics
+    from leopard_jax.data import records
 
-  source = records.RecordSource(dataset_dir, rows)
-  vectors = np.stack([cv2.resize(source[i], (64, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
-                      for i in range(len(source))])
-  vectors -= vectors.mean(axis=1, keepdims=True)
-  vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-9
-  labels = np.unique([r["identity"] for r in rows], return_inverse=True)[1]
-  return metrics.retrieval_metrics(vectors, labels, k_max=10)
+    source = records.RecordSource(dataset_dir, rows)
+    vectors = np.stack([cv2.resize(source[i], (64, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+                                            for i in range(len(source))])
+    vectors -= vectors.mean(axis=1, keepdims=True)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-9
+    labels = np.unique([r["identity"] for r in rows], return_inverse=True)[1]
+    return metrics.retrieval_metrics(vectors, labels, k_max=10)
 
 
 def main() -> None:
-  start = time.perf_counter()
-  OUT.mkdir(exist_ok=True)
-  if not PHOTOS.is_dir():
-    run(PY, "-m", "leopard_jax.data.synthetic", "--out", PHOTOS, "--identities", "40",
-        "--images-per-identity", "8", "--seed", "0")
-  run(PY, "-m", "leopard_jax.preprocess", "--input", PHOTOS, "--output", DATASET, "--detector", "none",
-      "--height", "64", "--width", "128")
-  if not (DATASET / "split.json").is_file():
-    run(PY, "-m", "leopard_jax.data.split", "--data", DATASET, "--test-fraction", "0.25", "--seed", "0")
-  run(PY, "-m", "leopard_jax.train", "--config", REPO / "configs" / "demo.py", "--workdir", WORKDIR)
-  run(PY, "-m", "leopard_jax.embed", "--checkpoint", WORKDIR, "--data", DATASET, "--out", EMBEDDINGS)
+    start = time.perf_counter()
+    OUT.mkdir(exist_ok=True)
+    if not PHOTOS.is_dir():
+        run(PY, "-m", "leopard_jax.data.synthetic", "--out", PHOTOS, "--identities", "40",
+                "--images-per-identity", "8", "--seed", "0")
+    run(PY, "-m", "leopard_jax.preprocess", "--input", PHOTOS, "--output", DATASET, "--detector", "none",
+            "--height", "64", "--width", "128")
+    if not (DATASET / "split.json").is_file():
+        run(PY, "-m", "leopard_jax.data.split", "--data", DATASET, "--test-fraction", "0.25", "--seed", "0")
+    run(PY, "-m", "leopard_jax.train", "--config", REPO / "configs" / "demo.py", "--workdir", WORKDIR)
+    run(PY, "-m", "leopard_jax.embed", "--checkpoint", WORKDIR, "--data", DATASET, "--out", EMBEDDINGS)
 
-  # Evaluate on the held-out individuals only: the training individuals are no test.
-  import numpy as np
+    # Evaluate on the held-out individuals only: the training individuals are no test.
+    import numpy as np
 
-  from leopard_jax.data import records
+    from leopard_jax.data import records
 
-  split = json.loads((DATASET / "split.json").read_text())
-  test_rows = held_out(records.read_manifest(DATASET), split)
-  test_ids = set(split["test"])
-  with np.load(EMBEDDINGS) as npz:
-    data = {k: npz[k] for k in npz.files}
-  keep = np.array([identity in test_ids for identity in data["identities"]])
-  held_out_npz = OUT / "embeddings_held_out.npz"
-  np.savez(held_out_npz, **{k: (v[keep] if v.ndim and len(v) == len(keep) else v) for k, v in data.items()})
-  run(PY, "-m", "leopard_jax.evaluate", "--embeddings", held_out_npz, "--out", EVAL)
+    split = json.loads((DATASET / "split.json").read_text())
+    test_rows = held_out(records.read_manifest(DATASET), split)
+    test_ids = set(split["test"])
+    with np.load(EMBEDDINGS) as npz:
+        data = {k: npz[k] for k in npz.files}
+    keep = np.array([identity in test_ids for identity in data["identities"]])
+    held_out_npz = OUT / "embeddings_held_out.npz"
+    np.savez(held_out_npz, **{k: (v[keep] if v.ndim and len(v) == len(keep) else v) for k, v in data.items()})
+    run(PY, "-m", "leopard_jax.evaluate", "--embeddings", held_out_npz, "--out", EVAL)
 
-  trained = json.loads((EVAL / "metrics.json").read_text())
-  first = json.loads((WORKDIR / "metrics.jsonl").read_text().splitlines()[0])
-  raw = raw_pixel_baseline(DATASET, test_rows)
-  print(f"\nHeld-out individuals: {len(test_ids)}, images: {len(test_rows)}")
-  print(f"{'model':<32}{'DT5AP':>8}{'T5RMD':>8}")
-  print(f"{'raw-pixel nearest neighbour':<32}{raw['DT5AP']:>8.3f}{raw['T5RMD']:>8.3f}")
-  print(f"{'untrained network':<32}{first['test_DT5AP']:>8.3f}{first['test_T5RMD']:>8.3f}")
-  print(f"{'trained (configs/demo.py)':<32}{trained['DT5AP']:>8.3f}{trained['T5RMD']:>8.3f}")
-  print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {OUT}")
-  print(f"next: python -m leopard_jax.review --embeddings {EMBEDDINGS} --store {OUT / 'matches.db'}")
+    trained = json.loads((EVAL / "metrics.json").read_text())
+    first = json.loads((WORKDIR / "metrics.jsonl").read_text().splitlines()[0])
+    raw = raw_pixel_baseline(DATASET, test_rows)
+    print(f"\nHeld-out individuals: {len(test_ids)}, images: {len(test_rows)}")
+    print(f"{'model':<32}{'DT5AP':>8}{'T5RMD':>8}")
+    print(f"{'raw-pixel nearest neighbour':<32}{raw['DT5AP']:>8.3f}{raw['T5RMD']:>8.3f}")
+    print(f"{'untrained network':<32}{first['test_DT5AP']:>8.3f}{first['test_T5RMD']:>8.3f}")
+    print(f"{'trained (configs/demo.py)':<32}{trained['DT5AP']:>8.3f}{trained['T5RMD']:>8.3f}")
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {OUT}")
+    print(f"next: python -m leopard_jax.review --embeddings {EMBEDDINGS} --store {OUT / 'matches.db'}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -1,0 +1,168 @@
+"""Training: config errors, 1 vs 2 devices, two processes, exact resume, non-finite stop.
+
+Runs the real CLI in subprocesses (the device count is fixed when JAX starts) on a tiny
+dataset and a small backbone. A shared persistent compilation cache keeps the repeated
+compiles of the same step cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from leopard_jax.data import records
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.py"
+HEIGHT, WIDTH = 32, 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> pathlib.Path:
+    """8 identities × 4 images: 6 train, 2 held out (split.json). Each identity is a fixed
+    random pattern plus noise, so there is something to learn."""
+    root = tmp_path_factory.mktemp("dataset")
+    records.save_settings(root, dict(height=HEIGHT, width=WIDTH, channels=4))
+    rng = np.random.default_rng(0)
+    items = []
+    for ident in range(8):
+        pattern = rng.integers(0, 256, (HEIGHT, WIDTH, 4))
+        for k in range(4):
+            image = np.clip(pattern + rng.normal(0, 20, pattern.shape), 0, 255).astype(np.uint8)
+            items.append(({"key": f"id{ident}/{k}", "source": f"id{ident}/{k}.jpg", "identity": f"id{ident}"}, image))
+    records.write_records(root, "part-00000", items)
+    records.save_split(root, {"train": [f"id{i}" for i in range(6)], "test": ["id6", "id7"]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def overrides(dataset: pathlib.Path, **extra) -> list[str]:
+    values = {
+        "data_dir": str(dataset),
+        "num_epochs": 1,
+        "batch_size": 8,
+        "model.backbone": "resnet18",
+        "model.dims": 16,
+        "eval.batch_size": 4,
+        "seed": 3,
+        **extra,
+    }
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def run_train(workdir, dataset, cache_dir, *, devices=1, extra_env=None, check=True, **extra):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.update(extra_env or {})
+    cmd = [sys.executable, "-m", "leopard_jax.train", "--config", str(DEMO_CONFIG), "--workdir", str(workdir),
+           *overrides(dataset, **extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    from leopard_jax import model_io
+
+    _, variables = model_io.load_model(pathlib.Path(workdir))
+    return traverse_util.flatten_dict(variables, sep="/")
+
+
+def test_typo_in_config_key_is_an_error_before_compiling(tmp_path, dataset, cache_dir):
+    proc = run_train(tmp_path / "w", dataset, cache_dir, check=False, **{"modle.dims": 8})
+    assert proc.returncode != 0
+    assert "modle" in proc.stderr
+
+
+def test_bad_value_names_the_key(tmp_path, dataset, cache_dir):
+    proc = run_train(tmp_path / "w", dataset, cache_dir, check=False, **{"loss.name": "cosfase"})
+    assert proc.returncode == 2
+    assert "config.loss.name" in proc.stderr and "cosfase" in proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_batch_that_does_not_divide_over_devices_is_an_error(tmp_path, dataset, cache_dir):
+    proc = run_train(tmp_path / "w", dataset, cache_dir, devices=3, check=False)
+    assert proc.returncode == 2
+    assert "does not divide over 3 devices" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, dataset, cache_dir):
+    workdir = tmp_path_factory.mktemp("one_device")
+    run_train(workdir, dataset, cache_dir, devices=1, num_epochs=2)
+    return workdir
+
+
+def test_one_and_two_devices_give_the_same_training(tmp_path, dataset, cache_dir, one_device_run):
+    run_train(tmp_path, dataset, cache_dir, devices=2, num_epochs=2)
+    one, two = read_metrics(one_device_run), read_metrics(tmp_path)
+    assert [r["epoch"] for r in one] == [0, 1, 2]
+    for a, b in zip(one[1:], two[1:]):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
+    p1, p2 = final_params(one_device_run), final_params(tmp_path)
+    for name in p1:  # Adam turns reduction-order noise in tiny gradients into ±lr steps
+        np.testing.assert_allclose(p1[name], p2[name], atol=3e-3, err_msg=name)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, dataset, cache_dir, one_device_run):
+    run_train(tmp_path, dataset, cache_dir, num_epochs=1)
+    run_train(tmp_path, dataset, cache_dir, num_epochs=2)
+    straight, resumed = final_params(one_device_run), final_params(tmp_path)
+    for name in straight:
+        np.testing.assert_allclose(straight[name], resumed[name], atol=1e-6, err_msg=name)
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_two_processes_train_to_equal_parameters(tmp_path, dataset, cache_dir):
+    """jax.distributed with CPU collectives: two processes, one device each, one shared
+    workdir; each dumps the parameters it ends with."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir))
+    worker = pathlib.Path(__file__).with_name("distributed_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(tmp_path), str(tmp_path / f"params{pid}.npz"), "--config", str(DEMO_CONFIG),
+             *overrides(dataset, distributed=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                        process_id=pid)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    params0, params1 = np.load(tmp_path / "params0.npz"), np.load(tmp_path / "params1.npz")
+    assert params0.files == params1.files and params0.files
+    for name in params0.files:
+        np.testing.assert_array_equal(params0[name], params1[name], err_msg=name)
+    assert read_metrics(tmp_path)[-1]["step"] == 3  # 24 training images / global batch 8
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, dataset, cache_dir):
+    proc = run_train(tmp_path, dataset, cache_dir, check=False, **{"optim.learning_rate": 1e30, "max_bad_steps": 1,
+                                                                  "num_epochs": 3})
+    assert proc.returncode == 2
+    assert "non-finite" in proc.stderr
