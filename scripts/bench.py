@@ -1,0 +1,712 @@
+"""Throughput of leopard_jax against a PyTorch/cv2 reference, measured in one process run.
+
+    python scripts/bench.py [train|embed|data|preprocess|all] [--batch B] [--size H W]
+        [--json OUT] [--device cpu|gpu] [--dtype float32|bfloat16] [--steps N]
+
+For each part both sides run in this process, alternating (leopard_jax k steps, reference
+k steps, repeat) after warm-up, so a machine that is busy or throttles hurts both alike.
+Reported: images/s of each side, the ratio leopard_jax / reference, compile time, peak RSS.
+
+Why the bench refuses: a ratio between two programs that compute different things is
+meaningless. Train and embed start from the same weights (random torch weights converted to
+Flax), the same batch and the same class centres; the first step's shapes, dtype and loss
+(train) or embeddings (embed) must agree within tolerance, else the ratio is withheld and
+the reason printed. What each reference is, is written in its row (`reference` field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+PARTS = ("train", "embed", "data", "preprocess")
+DEFAULT_STEPS = {"train": 6, "embed": 10, "data": 12, "preprocess": 8}
+NUM_CLASSES = 882  # the paper's CosFace classes: 1191 training individuals less 309 singletons
+# First-step agreement (same weights, batch, centres). fp32 differences come from conv
+# algorithms and summation order; bf16 rounds every activation.
+TOLERANCE = {
+    "float32": {"loss": 2e-3, "embeddings": 2e-3},
+    "bfloat16": {"loss": 5e-2, "embeddings": 5e-2},
+    # the two loaders run the same per-image code on the same records: equal up to rounding
+    "data": {"images": 1e-4, "labels": 0},
+}
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(_HERE.parent))
+
+
+class BenchError(SystemExit):
+    """A bench that cannot run here (no CUDA, missing module); one line says why."""
+
+    def __init__(self, message: str):
+        super().__init__(f"bench.py: {message}")
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@dataclasses.dataclass
+class Side:
+    """One contestant of a part: `step()` does one unit of work and blocks until it is done."""
+
+    label: str
+    step: Callable[[], Any]
+    images_per_step: int
+    compile_s: float = 0.0
+    reference: str = ""  # what this side is, in words (for the table/JSON)
+    # Untimed, before each round (data loaders: a fresh iterator, its start-up batches
+    # drained, so no batch made while the other side was timed counts for this one).
+    start_round: Callable[[], None] = lambda: None
+    end_round: Callable[[], None] = lambda: None
+
+
+class RssSampler:
+    """Peak resident memory per label, sampled in a thread (both sides share one process,
+    so each figure includes the other side's resident weights; the process peak is exact)."""
+
+    def __init__(self, interval_s: float = 0.02):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._label: str | None = None
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def sample(self) -> None:
+        label = self._label
+        if label is not None:
+            rss = self._process.memory_info().rss
+            self.peak[label] = max(self.peak.get(label, 0), rss)
+
+    def set(self, label: str | None) -> None:
+        self._label = label
+        self.sample()
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def process_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_alternating(sides: list[Side], *, steps: int, rounds: int, warmup: int = 1) -> dict[str, dict]:
+    """Warm each side up, then `rounds` times run every side for steps/rounds steps in turn."""
+    per_round = max(1, steps // rounds)
+    with RssSampler() as rss:
+        for side in sides if warmup else ():
+            rss.set(side.label)
+            side.start_round()
+            for _ in range(warmup):
+                side.step()
+            side.end_round()
+        times: dict[str, list[float]] = {side.label: [] for side in sides}
+        for _ in range(rounds):
+            for side in sides:
+                rss.set(side.label)
+                side.start_round()
+                start = time.perf_counter()
+                for _ in range(per_round):
+                    side.step()
+                times[side.label].append(time.perf_counter() - start)
+                side.end_round()
+        rss.set(None)
+    out = {}
+    for side in sides:
+        rates = [side.images_per_step * per_round / t for t in times[side.label]]
+        total = sum(times[side.label])
+        out[side.label] = {
+            "images_per_s": side.images_per_step * per_round * rounds / total,
+            "images_per_s_rounds": [round(r, 3) for r in rates],
+            "steps": per_round * rounds,
+            "step_s_median": statistics.median(t / per_round for t in times[side.label]),
+            "compile_s": round(side.compile_s, 2),
+            "peak_rss_mib": round(rss.peak.get(side.label, 0) / 2**20, 1),
+            "reference": side.reference,
+        }
+    return out
+
+
+def first_step_disagreement(ours: dict, ref: dict, tolerance: dict[str, float]) -> list[str]:
+    """Why the two first steps are not the same computation ([] when they are).
+
+    Both dicts may hold: "shape" (input, NHWC), "dtype" (compute dtype), "out_shape",
+    "loss" (float) and "embeddings" (array [B, D])."""
+    reasons = []
+    for key in ("shape", "dtype", "out_shape"):
+        if key in ours or key in ref:
+            if ours.get(key) != ref.get(key):
+                reasons.append(f"{key} differs: leopard_jax {ours.get(key)} vs reference {ref.get(key)}")
+    if "loss" in ours or "loss" in ref:
+        a, b = ours.get("loss"), ref.get("loss")
+        if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
+            reasons.append(f"first loss not comparable: leopard_jax {a} vs reference {b}")
+        elif abs(a - b) > tolerance["loss"] * max(1.0, abs(b)):
+            reasons.append(
+                f"first-step loss differs: leopard_jax {a:.6g} vs reference {b:.6g} "
+                f"(|diff| {abs(a - b):.3g} > {tolerance['loss']:.0e}·max(1,|ref|))"
+            )
+    for key in ("embeddings", "images", "labels"):
+        if key not in ours and key not in ref:
+            continue
+        a, b = ours.get(key), ref.get(key)
+        if a is None or b is None or np.shape(a) != np.shape(b):
+            reasons.append(f"{key} not comparable: shapes {np.shape(a)} vs {np.shape(b)}")
+            continue
+        diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+        if not diff <= tolerance[key]:
+            reasons.append(f"first {key} differ: max |diff| {diff:.3g} > {tolerance[key]:.0e}")
+    return reasons
+
+
+def compare(part: str, ours: Side, ref: Side, check: list[str], cfg: "Config", *, note: str = "", warmup: int = 1) -> dict:
+    """Time the two sides and build the part's result; the ratio only when `check` is empty."""
+    steps = cfg.steps or DEFAULT_STEPS[part]
+    rounds = min(cfg.rounds, steps)
+    timing = time_alternating([ours, ref], steps=steps, rounds=rounds, warmup=warmup)
+    a, b = timing[ours.label], timing[ref.label]
+    result = {
+        "part": part,
+        "leopard_jax": a,
+        "reference": b,
+        "ratio": round(a["images_per_s"] / b["images_per_s"], 3) if not check else None,
+        "same_computation": not check,
+        "refused_because": check,
+        "process_peak_rss_mib": round(process_peak_rss_mib(), 1),
+    }
+    if note:
+        result["note"] = note
+    return result
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int = 8
+    height: int = 256
+    width: int = 512
+    device: str = "cpu"
+    dtype: str = "float32"
+    steps: int | None = None
+    rounds: int = 3
+    backbone: str = "efficientnetv2_b2"
+    dims: int = 1024
+    num_classes: int = NUM_CLASSES
+    threads: int = 0  # torch intra-op threads; 0 = the cores JAX sees
+    seed: int = 0
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def setup_devices(cfg: Config) -> dict:
+    """Pin JAX and torch to the asked device; fail in one line when it is absent."""
+    import jax
+    import torch
+
+    if cfg.device == "gpu":
+        try:
+            jax_device = jax.devices("gpu")[0]
+        except RuntimeError as e:
+            raise BenchError(f"--device gpu: JAX has no GPU backend ({e}); install jax with CUDA or use --device cpu")
+        if not torch.cuda.is_available():
+            raise BenchError("--device gpu: torch.cuda.is_available() is False; install a CUDA torch or use --device cpu")
+        torch.backends.cudnn.benchmark = True
+        torch_device = "cuda"
+    else:
+        jax_device = jax.devices("cpu")[0]
+        torch_device = "cpu"
+    threads = cfg.threads or cores()
+    torch.set_num_threads(threads)
+    jax.config.update("jax_default_device", jax_device)
+    return {
+        "jax_device": str(jax_device),
+        "torch_device": torch.cuda.get_device_name(0) if torch_device == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "cores": cores(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def timm_name(backbone: str) -> str:
+    """leopard_jax backbone names follow timm's `tf_` ports (TF 'same' padding, BN eps 1e-3)."""
+    return backbone if backbone.startswith("resnet") else f"tf_{backbone}"
+
+
+def synthetic_batch(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed normalised-looking batch and labels (throughput does not depend on content)."""
+    rng = np.random.default_rng(cfg.seed)
+    images = rng.standard_normal((cfg.batch, cfg.height, cfg.width, 4)).astype(np.float32)
+    labels = rng.integers(0, cfg.num_classes, cfg.batch).astype(np.int32)
+    return images, labels
+
+
+# ---------------------------------------------------------------- train and embed
+
+
+@dataclasses.dataclass
+class Models:
+    """The torch reference and the same weights as Flax variables (numpy leaves)."""
+
+    torch_model: Any
+    variables: dict
+    centers: np.ndarray
+
+
+def build_models(cfg: Config) -> Models:
+    import bench_reference_torch as ref
+    torch_model = ref.build(backbone=timm_name(cfg.backbone), dims=cfg.dims, device="cpu", seed=cfg.seed)
+    variables = torch_to_flax(torch_model)
+    centers = ref.init_centers(cfg.num_classes, cfg.dims, cfg.seed)
+    torch_model.to("cuda" if cfg.device == "gpu" else "cpu")
+    return Models(torch_model, variables, centers)
+
+
+def torch_to_flax(torch_model) -> dict:
+    """{"params", "batch_stats"} of EmbeddingModel(head="spotid") from the reference's
+    weights, through the importer a real spotID checkpoint goes through."""
+    from leopard_jax.models import convert
+
+    state = convert.normalize_state_dict(torch_model.state_dict(), "bench reference")
+    variables, _ = convert.convert_spotid(state, torch_model.backbone_name, where="bench reference")
+    return variables
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def train_config(cfg: Config):
+    """configs/default.py (the paper's setting) with the bench's model; drop-path off,
+    because two random drop masks would make the first losses differ."""
+    from leopard_jax.config import load_config
+
+    config = load_config(str(_HERE.parent / "configs" / "x"), "default.py")
+    config.model.backbone = cfg.backbone
+    config.model.head = "spotid"
+    config.model.dims = cfg.dims
+    config.model.drop_path_rate = 0.0
+    config.model.dtype = cfg.dtype
+    return config
+
+
+class JaxTrain:
+    """leopard_jax's own training step (`train_step.train_step`, pmapped as `train.py` does,
+    on one device), compiled once; `side()` starts from the converted weights each time."""
+
+    def __init__(self, models: Models, cfg: Config, images: np.ndarray, labels: np.ndarray):
+        import functools
+
+        import jax
+
+        from leopard_jax import train_step as ts
+
+        self.models, self.cfg = models, cfg
+        self.config = train_config(cfg)
+        self.model = ts.build_model(self.config.model)
+        self.tx = ts.make_optimizer(self.config, steps_per_epoch=1000)
+        batch = {"image": images, "label": labels, "mask": np.ones(len(labels), bool)}
+        self.batch = _replicate(batch)
+        self.epoch = _replicate(np.int32(0))
+        p_train = jax.pmap(
+            functools.partial(ts.train_step, model=self.model, tx=self.tx, loss_config=self.config.loss),
+            axis_name=ts.AXIS,
+            donate_argnums=(0,),
+        )
+        start = time.perf_counter()
+        self.compiled = p_train.lower(self.fresh_state(), self.batch, self.epoch).compile()
+        self.compile_s = time.perf_counter() - start
+
+    def fresh_state(self):
+        import jax
+        import jax.numpy as jnp
+
+        from leopard_jax import train_step as ts
+
+        params = {"model": self.models.variables["params"], "centers": self.models.centers}
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        state = ts.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=self.models.variables["batch_stats"],
+            opt_state=self.tx.init(params),
+            rng=jax.random.PRNGKey(self.cfg.seed),
+        )
+        return _replicate(state)
+
+    def side(self) -> tuple[Side, dict]:
+        state, logs = self.compiled(self.fresh_state(), self.batch, self.epoch)
+        first = {
+            "loss": float(logs["loss"][0]),
+            "shape": tuple(self.batch["image"].shape[1:]),
+            "dtype": self.cfg.dtype,
+            "out_shape": (self.batch["image"].shape[1], self.config.model.dims),
+        }
+        holder = [state]
+
+        def step():
+            holder[0], logs = self.compiled(holder[0], self.batch, self.epoch)
+            logs["loss"].block_until_ready()
+
+        what = "leopard_jax train_step.train_step (pmap, 1 device): EmbeddingModel + cosface_loss + Adam"
+        return Side("leopard_jax", step, self.cfg.batch, self.compile_s, what), first
+
+
+def _replicate(tree):
+    """Add the leading device axis of a one-device pmap, placed on the default device."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[None]), tree)
+
+
+def torch_train_side(models: Models, cfg: Config, images: np.ndarray, labels: np.ndarray, *, adaptive: bool = True) -> tuple[Side, dict]:
+    """The reference training step from the same weights (a fresh copy of the torch model)."""
+    import copy
+
+    import torch
+
+    import bench_reference_torch as ref
+
+    device = next(models.torch_model.parameters()).device
+    model = copy.deepcopy(models.torch_model)
+    centers = torch.tensor(models.centers, device=device)
+    dtype = _torch_dtype(cfg.dtype)
+    x = ref.to_device_images(images, device)
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
+    loss_kw = {} if adaptive else {"loss_fn": lambda e, c, t: ref.cosface_loss(e, c, t, adaptive=False)}
+    train_step = ref.make_train_step(model, centers, dtype=dtype, **loss_kw)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    loss = train_step(x, y)
+    first = {
+        "loss": float(loss),
+        "shape": tuple(x.permute(0, 2, 3, 1).shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "out_shape": (x.shape[0], model.embedding_layer.out_features),
+    }
+
+    def step():
+        train_step(x, y)
+        sync()
+
+    what = f"PyTorch {torch.__version__} timm {timm_name(cfg.backbone)} channels_last eager + CosFace(adaptive) + Adam"
+    return Side("reference", step, cfg.batch, 0.0, what), first
+
+
+def train_part(cfg: Config, models: Models, jax_train: JaxTrain | None = None) -> dict:
+    images, labels = synthetic_batch(cfg)
+    jax_train = jax_train or JaxTrain(models, cfg, images, labels)
+    ours, ours_first = jax_train.side()
+    ref, ref_first = torch_train_side(models, cfg, images, labels)
+    check = first_step_disagreement(ours_first, ref_first, TOLERANCE[cfg.dtype])
+    result = compare("train", ours, ref, check, cfg, note="same batch every step (data loading timed in `data`)")
+    result["first_loss"] = {"leopard_jax": ours_first["loss"], "reference": ref_first["loss"]}
+    return result
+
+
+class JaxEmbed:
+    """leopard_jax inference: `train_step.embed_step` (eval-mode EmbeddingModel), jit."""
+
+    def __init__(self, models: Models, cfg: Config, images: np.ndarray):
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+
+        from leopard_jax import train_step as ts
+
+        self.cfg = cfg
+        model = ts.build_model(train_config(cfg).model, axis_name=None)
+        params = {"model": jax.tree.map(jnp.asarray, models.variables["params"])}
+        self.state = ts.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, batch_stats=jax.tree.map(jnp.asarray, models.variables["batch_stats"]),
+            opt_state=(), rng=jax.random.PRNGKey(0),
+        )
+        self.images = jax.device_put(images)
+        start = time.perf_counter()
+        self.compiled = jax.jit(functools.partial(ts.embed_step, model=model)).lower(self.state, self.images).compile()
+        self.compile_s = time.perf_counter() - start
+
+    def side(self) -> tuple[Side, dict]:
+        out = self.compiled(self.state, self.images)
+        first = {
+            "shape": tuple(self.images.shape),
+            "dtype": self.cfg.dtype,
+            "out_shape": tuple(out.shape),
+            "embeddings": np.asarray(out),
+        }
+
+        def step():
+            self.compiled(self.state, self.images).block_until_ready()
+
+        what = "leopard_jax train_step.embed_step (eval-mode EmbeddingModel), jit"
+        return Side("leopard_jax", step, self.images.shape[0], self.compile_s, what), first
+
+
+def torch_embed_side(models: Models, cfg: Config, images: np.ndarray) -> tuple[Side, dict]:
+    import torch
+
+    import bench_reference_torch as ref
+
+    device = next(models.torch_model.parameters()).device
+    dtype = _torch_dtype(cfg.dtype)
+    embed = ref.make_embed(models.torch_model, dtype=dtype)
+    x = ref.to_device_images(images, device)
+    out = embed(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first = {
+        "shape": tuple(x.permute(0, 2, 3, 1).shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "embeddings": out.float().cpu().numpy(),
+        "out_shape": tuple(out.shape),
+    }
+
+    def step():
+        embed(x)
+        sync()
+
+    what = f"PyTorch {torch.__version__} timm {timm_name(cfg.backbone)} channels_last eval, inference_mode"
+    return Side("reference", step, cfg.batch, 0.0, what), first
+
+
+def embed_part(cfg: Config, models: Models) -> dict:
+    images, _ = synthetic_batch(cfg)
+    ours, ours_first = JaxEmbed(models, cfg, images).side()
+    ref, ref_first = torch_embed_side(models, cfg, images)
+    check = first_step_disagreement(ours_first, ref_first, TOLERANCE[cfg.dtype])
+    result = compare("embed", ours, ref, check, cfg)
+    diff = np.abs(ours_first["embeddings"] - ref_first["embeddings"]).max() if ours_first["embeddings"].shape == ref_first["embeddings"].shape else None
+    result["first_embeddings_max_abs_diff"] = None if diff is None else float(diff)
+    return result
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_dataset(directory: pathlib.Path, cfg: Config, num_records: int) -> list[dict]:
+    """A dataset dir of random uint8 H×W×4 records, 4 per identity (loader cost does not
+    depend on pixel values; the records are raw bytes, as preprocess writes them)."""
+    from leopard_jax.data import records
+
+    rng = np.random.default_rng(cfg.seed)
+    records.save_settings(directory, {"height": cfg.height, "width": cfg.width, "channels": 4})
+    base = rng.integers(0, 256, (cfg.height, cfg.width, 4), dtype=np.uint8)
+    items = (
+        ({"key": f"id{i // 4:04d}/{i}", "identity": f"id{i // 4:04d}"}, np.roll(base, 7 * i, axis=1))
+        for i in range(num_records)
+    )
+    records.write_records(directory, "bench", items)
+    return records.read_manifest(directory)
+
+
+def _first_batch(batch: dict) -> dict:
+    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+    return {"shape": tuple(images.shape), "dtype": str(images.dtype), "images": images, "labels": labels}
+
+
+class LoaderSide:
+    """A loader timed in rounds, each on a fresh iterator that is closed afterwards, so the
+    loaders never run at the same time. Each round first drains, untimed, more batches than
+    either loader buffers (grain: 2 queued + 4 read-ahead per worker; torch: 2 per worker),
+    so the timed batches are made at the steady rate, none during worker start-up."""
+
+    def __init__(self, open_iterator: Callable[[], Any], workers: int):
+        self.open_iterator, self.iterator = open_iterator, None
+        self.drain = loader_drain(workers)
+
+    def start_round(self) -> None:
+        self.iterator = self.open_iterator()
+        for _ in range(self.drain):
+            next(self.iterator)
+
+    def step(self):
+        return next(self.iterator)
+
+    def end_round(self) -> None:
+        close = getattr(self.iterator, "close", None) or getattr(self.iterator, "_shutdown_workers", None)
+        if close:
+            close()
+        self.iterator = None
+
+    def first(self) -> tuple[dict, float]:
+        """The first batch of a fresh iterator, and the time it took (start-up)."""
+        start = time.perf_counter()
+        iterator = self.open_iterator()
+        batch = next(iterator)
+        elapsed = time.perf_counter() - start
+        self.iterator = iterator
+        self.end_round()
+        images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+        return {"shape": tuple(images.shape), "dtype": str(images.dtype), "images": images, "labels": labels}, elapsed
+
+    def side(self, label: str, batch: int, what: str) -> tuple[Side, dict]:
+        first, startup = self.first()
+        return Side(label, self.step, batch, startup, what, self.start_round, self.end_round), first
+
+
+def loader_drain(workers: int) -> int:
+    return 1 + 6 * max(1, workers)
+
+
+def data_part(cfg: Config, workers: int = 2) -> dict:
+    """grain `train_loader` vs a torch DataLoader over the same records and epoch table."""
+    import torch
+    from absl import flags
+
+    import bench_reference_torch as ref
+    from leopard_jax.data import pipeline, records
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS(sys.argv[:1])
+    steps = cfg.steps or DEFAULT_STEPS["data"]
+    rounds = min(cfg.rounds, 2, steps)  # each round starts worker processes: seconds each
+    cfg = dataclasses.replace(cfg, steps=steps, rounds=rounds)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        batches = steps // rounds + loader_drain(workers) + 1
+        rows = synthetic_dataset(pathlib.Path(tmp), cfg, num_records=cfg.batch * batches)
+
+        def open_ours():
+            return pipeline.train_loader(rows, tmp, global_batch=cfg.batch, seed=cfg.seed, epoch=0, num_devices=1,
+                                         worker_count=workers).iterator
+
+        table = pipeline.train_table(rows, global_batch=cfg.batch, seed=cfg.seed, epoch=0, num_devices=1).ravel()
+        labels = pipeline.label_array(rows, pipeline.class_names(rows, keep_singletons=False))
+        dataset = ref.RecordDataset(records.RecordSource(tmp, rows), table, labels, seed=cfg.seed, epoch=0)
+
+        def open_reference():
+            return iter(ref.make_loader(dataset, cfg.batch, workers))
+
+        ours, ours_first = LoaderSide(open_ours, workers).side(
+            "leopard_jax", cfg.batch, f"leopard_jax.data.pipeline.train_loader (grain, {workers} worker processes)")
+        theirs, ref_first = LoaderSide(open_reference, workers).side(
+            "reference", cfg.batch,
+            f"torch {torch.__version__} DataLoader ({workers} spawned workers) over the same records and epoch "
+            "table, same per-image augment + normalise (leopard_jax.data.augment)")
+        check = first_step_disagreement(ours_first, ref_first, TOLERANCE["data"])
+        return compare("data", ours, theirs, check, cfg, warmup=0,
+                       note="compile_s = time to the first batch of a fresh iterator (worker start-up); each round "
+                            f"opens a fresh iterator per side, drains {loader_drain(workers)} batches untimed, "
+                            "times the next ones, and closes it")
+
+
+def preprocess_part(cfg: Config) -> dict:
+    raise BenchError("preprocess: not wired yet")
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(results: list[dict]) -> str:
+    head = f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>8}{'compile s':>11}{'peak RSS MiB':>14}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"{r['part']:<22}skipped: {r['skipped']}")
+            continue
+        a, b = r["leopard_jax"], r["reference"]
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "REFUSED"
+        lines.append(
+            f"{r['part']:<22}{a['images_per_s']:>18.2f}{b['images_per_s']:>17.2f}{ratio:>8}"
+            f"{a['compile_s']:>11.1f}{r['process_peak_rss_mib']:>14.0f}"
+        )
+        for reason in r["refused_because"]:
+            lines.append(f"    refused: {reason}")
+    lines.append("")
+    for r in results:
+        if "skipped" not in r:
+            lines.append(f"{r['part']}: reference = {r['reference']['reference']}")
+    return "\n".join(lines)
+
+
+def run(parts: list[str], cfg: Config) -> dict:
+    env = setup_devices(cfg)
+    results = []
+    models = None
+    for part in parts:
+        start = time.perf_counter()
+        if part in ("train", "embed"):
+            models = models or build_models(cfg)
+            result = train_part(cfg, models) if part == "train" else embed_part(cfg, models)
+        elif part == "data":
+            result = data_part(cfg)
+        else:
+            results.extend(preprocess_part(cfg))
+            continue
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        results.append(result)
+        print(f"[bench] {part} done in {result['wall_s']} s", file=sys.stderr, flush=True)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "environment": env,
+        "results": results,
+        "process_peak_rss_mib": round(process_peak_rss_mib(), 1),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[list[str], Config, str | None]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", nargs="?", default="all", choices=(*PARTS, "all"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per side (default per part: %s)" % DEFAULT_STEPS)
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the two sides")
+    p.add_argument("--backbone", default="efficientnetv2_b2")
+    p.add_argument("--classes", type=int, default=NUM_CLASSES, help="CosFace classes")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores JAX sees)")
+    a = p.parse_args(argv)
+    if a.batch < 1 or min(a.size) < 32 or (a.steps is not None and a.steps < 1) or a.rounds < 1:
+        p.error("need --batch >= 1, --size H W >= 32, --steps >= 1, --rounds >= 1")
+    cfg = Config(
+        batch=a.batch, height=a.size[0], width=a.size[1], device=a.device, dtype=a.dtype, steps=a.steps,
+        rounds=a.rounds, backbone=a.backbone, num_classes=a.classes, threads=a.threads,
+    )
+    return (list(PARTS) if a.part == "all" else [a.part]), cfg, a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parts, cfg, json_out = parse_args(argv)
+    if cfg.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    report = run(parts, cfg)
+    print(table(report["results"]))
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps(report, indent=2, default=str))
+        print(f"[bench] wrote {json_out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
