@@ -20,6 +20,8 @@ import numpy as np
 MEAN = np.array([0.485, 0.456, 0.406, 0.456], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225, 0.225], dtype=np.float32)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# normalisation as one per-pixel affine (cv2.transform: 4×4 diagonal + bias column).
+_NORMALIZE = np.hstack([np.diag(1 / (255 * STD)), (-MEAN / STD)[:, None]]).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +55,11 @@ class AugmentConfig:
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 (or float in 0..255) [..., H, W, 4] -> float32 normalised per channel."""
+    """uint8 (or float in 0..255) [..., H, W, 4] -> float32 (x/255 - mean) / std per channel."""
     if image.shape[-1] != len(MEAN):
         raise ValueError(f"expected {len(MEAN)} channels (R, G, B, edge), got shape {image.shape}")
-    scale = np.float32(1.0 / 255.0)
-    return (image.astype(np.float32) * scale - MEAN) / STD
+    flat = np.ascontiguousarray(image, dtype=np.float32).reshape(-1, 1, len(MEAN))
+    return cv2.transform(flat, _NORMALIZE).reshape(image.shape)
 
 
 def geometry_matrix(rng: np.random.Generator, height: int, width: int, rotate_deg: float, crop_fraction: float) -> np.ndarray:
@@ -81,22 +83,32 @@ def warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.reshape(image.shape)
 
 
-def color_jitter(rgb: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-    """float32 H×W×3 in 0..255 -> jittered, clipped to 0..255 (torchvision's definitions)."""
+def jitter_matrix(rng: np.random.Generator, mean_rgb: np.ndarray, brightness: float, contrast: float,
+                  saturation: float) -> np.ndarray:
+    """4×5 colour matrix (last column: bias) for cv2.transform on R, G, B, edge.
+
+    Brightness b scales; contrast c pulls towards the image's mean grey m (after
+    brightness); saturation s pulls each pixel towards its own grey (torchvision's three
+    definitions). All three are linear, so they compose into one matrix, clipped once by
+    cv2's uint8 saturation. The edge row is the identity: jitter never touches edges.
+    """
     b, c, s = (rng.uniform(1 - x, 1 + x) for x in (brightness, contrast, saturation))
-    rgb = rgb * np.float32(b)
-    grey = rgb @ _LUMA
-    rgb = (rgb - grey.mean()) * np.float32(c) + grey.mean()
-    rgb = np.clip(rgb, 0, 255)
-    grey = (rgb @ _LUMA)[..., None]
-    rgb = (rgb - grey) * np.float32(s) + grey
-    return np.clip(rgb, 0, 255, out=rgb)
+    grey_mean = b * float(_LUMA @ mean_rgb)
+    to_grey = np.outer(np.ones(3), _LUMA)
+    rgb = c * b * (s * np.eye(3) + (1 - s) * to_grey)  # rows of to_grey sum to 1, so the bias passes through
+    matrix = np.zeros((4, 5), np.float32)
+    matrix[:3, :3] = rgb
+    matrix[:3, 4] = (1 - c) * grey_mean
+    matrix[3, 3] = 1.0
+    return matrix
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
-    """uint8 H×W×4 -> float32 H×W×4 in 0..255: shared geometry, then RGB-only jitter."""
+    """uint8 H×W×4 -> uint8 H×W×4: shared geometry, then RGB-only colour jitter."""
     height, width = image.shape[:2]
     matrix = geometry_matrix(rng, height, width, config.rotate_deg, config.crop_fraction)
-    out = warp(image, matrix).astype(np.float32)
-    out[..., :3] = color_jitter(out[..., :3], rng, config.brightness, config.contrast, config.saturation)
+    out = warp(image, matrix)
+    if config.brightness or config.contrast or config.saturation:
+        mean_rgb = np.array(cv2.mean(out)[:3], np.float32)
+        out = cv2.transform(out, jitter_matrix(rng, mean_rgb, config.brightness, config.contrast, config.saturation))
     return out
