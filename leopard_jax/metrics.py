@@ -39,57 +39,57 @@ _NORM_EPS = 1e-12
 
 
 def encode_labels(labels: Sequence[Any] | np.ndarray) -> np.ndarray:
-  """Any hashable labels (identity strings, ints) -> int32 class indices 0..C-1."""
-  labels = np.asarray(labels)
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-  _, encoded = np.unique(labels, return_inverse=True)
-  return encoded.astype(np.int32).reshape(-1)
+    """Any hashable labels (identity strings, ints) -> int32 class indices 0..C-1."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    _, encoded = np.unique(labels, return_inverse=True)
+    return encoded.astype(np.int32).reshape(-1)
 
 
 # --- distances -----------------------------------------------------------------------
 
 
 def _inv_norms(x: jax.Array) -> jax.Array:
-  return jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1), _NORM_EPS))
+    return jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1), _NORM_EPS))
 
 
 def _pairwise(q, x, metric):
-  """(distance [Q, N], cosine [Q, N]) between rows of q and rows of x.
+    """(distance [Q, N], cosine [Q, N]) between rows of q and rows of x.
 
-  Cosine is the raw dot product scaled by both inverse norms (not a dot of
-  normalised vectors), so equal raw dot products give bit-equal distances and ties
-  stay ties. Zero vectors have cosine 0 with everything.
-  """
-  dot = q @ x.T
-  cos = dot * _inv_norms(q)[:, None] * _inv_norms(x)[None, :]
-  if metric == "cosine":
-    dist = 1.0 - cos
-  else:
-    sq_q = jnp.sum(jnp.square(q), axis=-1)
-    sq_x = jnp.sum(jnp.square(x), axis=-1)
-    dist = jnp.sqrt(jnp.maximum(sq_q[:, None] + sq_x[None, :] - 2.0 * dot, 0.0))
-  return dist, cos
+    Cosine is the raw dot product scaled by both inverse norms (not a dot of
+    normalised vectors), so equal raw dot products give bit-equal distances and ties
+    stay ties. Zero vectors have cosine 0 with everything.
+    """
+    dot = q @ x.T
+    cos = dot * _inv_norms(q)[:, None] * _inv_norms(x)[None, :]
+    if metric == "cosine":
+        dist = 1.0 - cos
+    else:
+        sq_q = jnp.sum(jnp.square(q), axis=-1)
+        sq_x = jnp.sum(jnp.square(x), axis=-1)
+        dist = jnp.sqrt(jnp.maximum(sq_q[:, None] + sq_x[None, :] - 2.0 * dot, 0.0))
+    return dist, cos
 
 
 def distance_matrix(x, y=None, *, metric: str = "cosine") -> np.ndarray:
-  """Distances [N, M] between rows of x and rows of y (default y = x), as numpy.
+    """Distances [N, M] between rows of x and rows of y (default y = x), as numpy.
 
-  cosine: 1 − cos θ (in [0, 2]); euclidean: ||x − y||. Holds the whole matrix:
-  for large N use retrieval_metrics / nearest, which work in chunks.
-  """
-  _check_metric(metric)
-  x = jnp.asarray(x, jnp.float32)
-  y = x if y is None else jnp.asarray(y, jnp.float32)
-  return np.asarray(_pairwise_jit(x, y, metric)[0])
+    cosine: 1 − cos θ (in [0, 2]); euclidean: ||x − y||. Holds the whole matrix:
+    for large N use retrieval_metrics / nearest, which work in chunks.
+    """
+    _check_metric(metric)
+    x = jnp.asarray(x, jnp.float32)
+    y = x if y is None else jnp.asarray(y, jnp.float32)
+    return np.asarray(_pairwise_jit(x, y, metric)[0])
 
 
 _pairwise_jit = jax.jit(_pairwise, static_argnums=2)
 
 
 def _check_metric(metric):
-  if metric not in METRICS:
-    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
 
 
 # Abramowitz & Stegun 4.4.46: arccos x = sqrt(1 − x)·Σ a_i x^i on [0, 1], |error| ≤ 2e-8.
@@ -98,53 +98,53 @@ _ACOS_COEFFS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
 
 
 def arccos_degrees(cos: jax.Array) -> jax.Array:
-  """arccos in degrees by a polynomial: as accurate as float32 arccos, ~20× faster.
+    """arccos in degrees by a polynomial: as accurate as float32 arccos, ~20× faster.
 
-  The angle statistics take an arccos of every pair (N² of them); XLA's arccos on
-  CPU cost as much as the distance matmul itself.
-  """
-  x = jnp.abs(jnp.clip(cos, -1.0, 1.0))
-  poly = jnp.full_like(x, _ACOS_COEFFS[-1])
-  for coeff in _ACOS_COEFFS[-2::-1]:
-    poly = poly * x + coeff
-  radians = jnp.sqrt(1.0 - x) * poly
-  radians = jnp.where(cos < 0, jnp.pi - radians, radians)
-  return radians * (180.0 / jnp.pi)
+    The angle statistics take an arccos of every pair (N² of them); XLA's arccos on
+    CPU cost as much as the distance matmul itself.
+    """
+    x = jnp.abs(jnp.clip(cos, -1.0, 1.0))
+    poly = jnp.full_like(x, _ACOS_COEFFS[-1])
+    for coeff in _ACOS_COEFFS[-2::-1]:
+        poly = poly * x + coeff
+    radians = jnp.sqrt(1.0 - x) * poly
+    radians = jnp.where(cos < 0, jnp.pi - radians, radians)
+    return radians * (180.0 / jnp.pi)
 
 
 # --- ranking statistics, shared by the offline metrics and the in-batch DTkAP ---------
 
 
 def _precision_curves(matches: jax.Array, class_mates: jax.Array):
-  """Per query: DTkAP and TkRMD curves for every cut-off k = 1..K.
+    """Per query: DTkAP and TkRMD curves for every cut-off k = 1..K.
 
-  Args:
-    matches: bool [Q, K], whether the j-th nearest other sample shares the class.
-    class_mates: int [Q], |C_i| − 1.
+    Args:
+      matches: bool [Q, K], whether the j-th nearest other sample shares the class.
+      class_mates: int [Q], |C_i| − 1.
 
-  Returns:
-    dtkap [Q, K] (column k−1 = DTkAP(i) with k_max = k; 0 where k_i = 0) and
-    hit [Q, K] (column k−1 = a match within the top k).
-  """
-  num_k = matches.shape[-1]
-  ranks = jnp.arange(1, num_k + 1, dtype=jnp.float32)
-  precision = jnp.cumsum(matches.astype(jnp.float32), axis=-1) / ranks  # P(j)
-  cum_precision = jnp.cumsum(precision, axis=-1)                          # Σ_{j'≤j} P
-  # DTkAP at cut-off k uses k_i = min(class_mates, k) ranks.
-  k_i = jnp.minimum(class_mates[:, None], jnp.arange(1, num_k + 1)[None, :])
-  summed = jnp.take_along_axis(cum_precision, jnp.maximum(k_i - 1, 0), axis=-1)
-  dtkap = jnp.where(k_i > 0, summed / jnp.maximum(k_i, 1), 0.0)
-  hit = jnp.cumsum(matches.astype(jnp.int32), axis=-1) > 0
-  return dtkap, hit
+    Returns:
+      dtkap [Q, K] (column k−1 = DTkAP(i) with k_max = k; 0 where k_i = 0) and
+      hit [Q, K] (column k−1 = a match within the top k).
+    """
+    num_k = matches.shape[-1]
+    ranks = jnp.arange(1, num_k + 1, dtype=jnp.float32)
+    precision = jnp.cumsum(matches.astype(jnp.float32), axis=-1) / ranks  # P(j)
+    cum_precision = jnp.cumsum(precision, axis=-1)                          # Σ_{j'≤j} P
+    # DTkAP at cut-off k uses k_i = min(class_mates, k) ranks.
+    k_i = jnp.minimum(class_mates[:, None], jnp.arange(1, num_k + 1)[None, :])
+    summed = jnp.take_along_axis(cum_precision, jnp.maximum(k_i - 1, 0), axis=-1)
+    dtkap = jnp.where(k_i > 0, summed / jnp.maximum(k_i, 1), 0.0)
+    hit = jnp.cumsum(matches.astype(jnp.int32), axis=-1) > 0
+    return dtkap, hit
 
 
 def _rank_scores(dist: jax.Array) -> jax.Array:
-  """Scores for lax.top_k (largest first): −distance, with −0.0 folded into +0.0.
+    """Scores for lax.top_k (largest first): −distance, with −0.0 folded into +0.0.
 
-  lax.top_k puts the lower index first among equal values, which gives the
-  documented tie-break.
-  """
-  return -dist + 0.0
+    lax.top_k puts the lower index first among equal values, which gives the
+    documented tie-break.
+    """
+    return -dist + 0.0
 
 
 def batch_dtkap(embeddings: jax.Array,
@@ -153,29 +153,29 @@ def batch_dtkap(embeddings: jax.Array,
                 mask: jax.Array | None = None,
                 *,
                 metric: str = "cosine") -> jax.Array:
-  """DTkAP within one batch (jittable, static shapes): a cheap training signal.
+    """DTkAP within one batch (jittable, static shapes): a cheap training signal.
 
-  Class sizes are those within the batch; rows with label −1 or mask False are
-  neither queries nor candidates. Returns the mean over queries with a class-mate
-  in the batch, 0.0 when there is none.
-  """
-  _check_metric(metric)
-  batch = labels.shape[0]
-  valid = labels >= 0
-  if mask is not None:
-    valid = valid & mask.astype(bool)
-  k = min(int(k), max(batch - 1, 1))
-  dist, _ = _pairwise(embeddings, embeddings, metric)
-  excluded = jnp.eye(batch, dtype=bool) | ~valid[None, :]
-  dist = jnp.where(excluded, jnp.inf, dist)
-  _, idx = jax.lax.top_k(_rank_scores(dist), k)
-  same = (labels[:, None] == labels[None, :]) & valid[None, :] & valid[:, None]
-  class_mates = jnp.sum(same, axis=-1) - 1
-  matches = jnp.take_along_axis(same, idx, axis=-1)
-  dtkap, _ = _precision_curves(matches, class_mates)
-  counted = valid & (class_mates > 0)
-  total = jnp.sum(jnp.where(counted, dtkap[:, -1], 0.0))
-  return total / jnp.maximum(jnp.sum(counted), 1)
+    Class sizes are those within the batch; rows with label −1 or mask False are
+    neither queries nor candidates. Returns the mean over queries with a class-mate
+    in the batch, 0.0 when there is none.
+    """
+    _check_metric(metric)
+    batch = labels.shape[0]
+    valid = labels >= 0
+    if mask is not None:
+        valid = valid & mask.astype(bool)
+    k = min(int(k), max(batch - 1, 1))
+    dist, _ = _pairwise(embeddings, embeddings, metric)
+    excluded = jnp.eye(batch, dtype=bool) | ~valid[None, :]
+    dist = jnp.where(excluded, jnp.inf, dist)
+    _, idx = jax.lax.top_k(_rank_scores(dist), k)
+    same = (labels[:, None] == labels[None, :]) & valid[None, :] & valid[:, None]
+    class_mates = jnp.sum(same, axis=-1) - 1
+    matches = jnp.take_along_axis(same, idx, axis=-1)
+    dtkap, _ = _precision_curves(matches, class_mates)
+    counted = valid & (class_mates > 0)
+    total = jnp.sum(jnp.where(counted, dtkap[:, -1], 0.0))
+    return total / jnp.maximum(jnp.sum(counted), 1)
 
 
 # --- chunked leave-one-out pass ------------------------------------------------------
@@ -184,177 +184,177 @@ def batch_dtkap(embeddings: jax.Array,
 @functools.partial(jax.jit, static_argnames=("metric", "k_max", "num_smallest"))
 def _query_chunk_stats(query_index, embeddings, labels, class_mates, *, metric, k_max,
                        num_smallest):
-  """Everything the offline metrics need from queries `query_index` [c] vs all N.
+    """Everything the offline metrics need from queries `query_index` [c] vs all N.
 
-  query_index entries ≥ N are padding of the last chunk (their outputs are ignored).
-  """
-  n = embeddings.shape[0]
-  in_range = query_index < n
-  q_index = jnp.minimum(query_index, n - 1)
-  q = embeddings[q_index]
-  q_labels = labels[q_index]
-  dist, cos = _pairwise(q, embeddings, metric)
-  column = jnp.arange(n)
-  is_self = column[None, :] == q_index[:, None]
-  same = (labels[None, :] == q_labels[:, None]) & ~is_self
-  diff = labels[None, :] != q_labels[:, None]
+    query_index entries ≥ N are padding of the last chunk (their outputs are ignored).
+    """
+    n = embeddings.shape[0]
+    in_range = query_index < n
+    q_index = jnp.minimum(query_index, n - 1)
+    q = embeddings[q_index]
+    q_labels = labels[q_index]
+    dist, cos = _pairwise(q, embeddings, metric)
+    column = jnp.arange(n)
+    is_self = column[None, :] == q_index[:, None]
+    same = (labels[None, :] == q_labels[:, None]) & ~is_self
+    diff = labels[None, :] != q_labels[:, None]
 
-  scores = jnp.where(is_self, -jnp.inf, _rank_scores(dist))
-  _, nn_index = jax.lax.top_k(scores, k_max)
-  matches = labels[nn_index] == q_labels[:, None]
-  dtkap, hit = _precision_curves(matches, class_mates[q_index])
+    scores = jnp.where(is_self, -jnp.inf, _rank_scores(dist))
+    _, nn_index = jax.lax.top_k(scores, k_max)
+    matches = labels[nn_index] == q_labels[:, None]
+    dtkap, hit = _precision_curves(matches, class_mates[q_index])
 
-  angle = arccos_degrees(cos)
-  upper = column[None, :] > q_index[:, None]  # each unordered pair once
-  smallest = -jax.lax.top_k(jnp.where(upper & in_range[:, None], -angle, -jnp.inf),
-                            num_smallest)[0]
-  smallest = jnp.sort(smallest.reshape(-1))[:num_smallest]
+    angle = arccos_degrees(cos)
+    upper = column[None, :] > q_index[:, None]  # each unordered pair once
+    smallest = -jax.lax.top_k(jnp.where(upper & in_range[:, None], -angle, -jnp.inf),
+                              num_smallest)[0]
+    smallest = jnp.sort(smallest.reshape(-1))[:num_smallest]
 
-  def masked_sum(values, where):
-    return jnp.sum(jnp.where(where & in_range[:, None], values, 0.0), axis=-1)
+    def masked_sum(values, where):
+        return jnp.sum(jnp.where(where & in_range[:, None], values, 0.0), axis=-1)
 
-  return {
-      "dtkap": dtkap,
-      "hit": hit,
-      "same_dist": masked_sum(dist, same),
-      "diff_dist": masked_sum(dist, diff),
-      "same_count": jnp.sum(same, axis=-1),
-      "diff_count": jnp.sum(diff, axis=-1),
-      "same_angle": masked_sum(angle, same),
-      "diff_angle": masked_sum(angle, diff),
-      "smallest_angles": smallest,
-  }
+    return {
+        "dtkap": dtkap,
+        "hit": hit,
+        "same_dist": masked_sum(dist, same),
+        "diff_dist": masked_sum(dist, diff),
+        "same_count": jnp.sum(same, axis=-1),
+        "diff_count": jnp.sum(diff, axis=-1),
+        "same_angle": masked_sum(angle, same),
+        "diff_angle": masked_sum(angle, diff),
+        "smallest_angles": smallest,
+    }
 
 
 def _prepare(embeddings, labels):
-  embeddings = np.asarray(embeddings, dtype=np.float32)
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}")
-  labels = encode_labels(labels)
-  if labels.shape[0] != embeddings.shape[0]:
-    raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
-  if embeddings.shape[0] < 2:
-    raise ValueError(f"need at least 2 embeddings to rank, got {embeddings.shape[0]}")
-  if not np.all(np.isfinite(embeddings)):
-    raise ValueError("embeddings contain NaN or inf; check the model or the input file")
-  return embeddings, labels
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}")
+    labels = encode_labels(labels)
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"need at least 2 embeddings to rank, got {embeddings.shape[0]}")
+    if not np.all(np.isfinite(embeddings)):
+        raise ValueError("embeddings contain NaN or inf; check the model or the input file")
+    return embeddings, labels
 
 
 def _leave_one_out_stats(embeddings, labels, *, metric, k_max, chunk):
-  """Runs the chunked pass and gathers per-query arrays (numpy) and pooled sums."""
-  _check_metric(metric)
-  n = embeddings.shape[0]
-  if k_max < 1:
-    raise ValueError(f"k_max must be >= 1, got {k_max}")
-  k_max = min(int(k_max), n - 1)
-  chunk = max(1, min(int(chunk), n))
-  num_smallest = min(NUM_SMALLEST_ANGLES, n - 1)
-  class_mates = np.bincount(labels)[labels] - 1
-  emb = jnp.asarray(embeddings)
-  lab = jnp.asarray(labels)
-  mates = jnp.asarray(class_mates)
-  parts = []
-  for start in range(0, n, chunk):
-    index = jnp.arange(start, start + chunk, dtype=jnp.int32)
-    parts.append(_query_chunk_stats(index, emb, lab, mates, metric=metric, k_max=k_max,
-                                    num_smallest=num_smallest))
-  parts = jax.device_get(parts)
-  per_query = {key: np.concatenate([p[key] for p in parts])[:n]
-               for key in ("dtkap", "hit", "same_dist", "diff_dist", "same_count",
-                           "diff_count", "same_angle", "diff_angle")}
-  pooled = {
-      "same_angle": float(np.sum(per_query["same_angle"], dtype=np.float64)),
-      "diff_angle": float(np.sum(per_query["diff_angle"], dtype=np.float64)),
-      "smallest_angles": np.sort(np.concatenate([p["smallest_angles"] for p in parts]))
-                         [:num_smallest],
-  }
-  return per_query, pooled, class_mates
+    """Runs the chunked pass and gathers per-query arrays (numpy) and pooled sums."""
+    _check_metric(metric)
+    n = embeddings.shape[0]
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    k_max = min(int(k_max), n - 1)
+    chunk = max(1, min(int(chunk), n))
+    num_smallest = min(NUM_SMALLEST_ANGLES, n - 1)
+    class_mates = np.bincount(labels)[labels] - 1
+    emb = jnp.asarray(embeddings)
+    lab = jnp.asarray(labels)
+    mates = jnp.asarray(class_mates)
+    parts = []
+    for start in range(0, n, chunk):
+        index = jnp.arange(start, start + chunk, dtype=jnp.int32)
+        parts.append(_query_chunk_stats(index, emb, lab, mates, metric=metric, k_max=k_max,
+                                        num_smallest=num_smallest))
+    parts = jax.device_get(parts)
+    per_query = {key: np.concatenate([p[key] for p in parts])[:n]
+                 for key in ("dtkap", "hit", "same_dist", "diff_dist", "same_count",
+                             "diff_count", "same_angle", "diff_angle")}
+    pooled = {
+        "same_angle": float(np.sum(per_query["same_angle"], dtype=np.float64)),
+        "diff_angle": float(np.sum(per_query["diff_angle"], dtype=np.float64)),
+        "smallest_angles": np.sort(np.concatenate([p["smallest_angles"] for p in parts]))
+                           [:num_smallest],
+    }
+    return per_query, pooled, class_mates
 
 
 def _rank_summary(per_query, class_mates):
-  counted = class_mates > 0
-  n_queries = int(np.sum(counted))
-  if n_queries == 0:
-    zeros = [0.0] * per_query["dtkap"].shape[1]
-    return zeros, zeros, 0
-  dtkap = per_query["dtkap"][counted].astype(np.float64).mean(axis=0)
-  tkrmd = per_query["hit"][counted].astype(np.float64).mean(axis=0)
-  return [float(v) for v in dtkap], [float(v) for v in tkrmd], n_queries
+    counted = class_mates > 0
+    n_queries = int(np.sum(counted))
+    if n_queries == 0:
+        zeros = [0.0] * per_query["dtkap"].shape[1]
+        return zeros, zeros, 0
+    dtkap = per_query["dtkap"][counted].astype(np.float64).mean(axis=0)
+    tkrmd = per_query["hit"][counted].astype(np.float64).mean(axis=0)
+    return [float(v) for v in dtkap], [float(v) for v in tkrmd], n_queries
 
 
 def _ccdr(per_query):
-  ok = (per_query["same_count"] > 0) & (per_query["diff_count"] > 0)
-  if not np.any(ok):
-    return float("nan")
-  same = per_query["same_dist"][ok] / per_query["same_count"][ok]
-  diff = per_query["diff_dist"][ok] / per_query["diff_count"][ok]
-  return float(np.mean(same.astype(np.float64) / diff))
+    ok = (per_query["same_count"] > 0) & (per_query["diff_count"] > 0)
+    if not np.any(ok):
+        return float("nan")
+    same = per_query["same_dist"][ok] / per_query["same_count"][ok]
+    diff = per_query["diff_dist"][ok] / per_query["diff_count"][ok]
+    return float(np.mean(same.astype(np.float64) / diff))
 
 
 def _angles(per_query, pooled):
-  same_pairs = int(np.sum(per_query["same_count"]))
-  diff_pairs = int(np.sum(per_query["diff_count"]))
-  nan = float("nan")
-  return {
-      "angle_same_mean": pooled["same_angle"] / same_pairs if same_pairs else nan,
-      "angle_diff_mean": pooled["diff_angle"] / diff_pairs if diff_pairs else nan,
-      "angles_smallest": [float(a) for a in pooled["smallest_angles"]],
-  }
+    same_pairs = int(np.sum(per_query["same_count"]))
+    diff_pairs = int(np.sum(per_query["diff_count"]))
+    nan = float("nan")
+    return {
+        "angle_same_mean": pooled["same_angle"] / same_pairs if same_pairs else nan,
+        "angle_diff_mean": pooled["diff_angle"] / diff_pairs if diff_pairs else nan,
+        "angles_smallest": [float(a) for a in pooled["smallest_angles"]],
+    }
 
 
 def retrieval_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cosine",
                       chunk: int = 1024) -> dict[str, Any]:
-  """All the paper's metrics in one chunked leave-one-out pass.
+    """All the paper's metrics in one chunked leave-one-out pass.
 
-  Args:
-    embeddings: [N, D] array (numpy or jax).
-    labels: [N] identities, any hashable values (strings are fine).
-    k_max: largest cut-off; DTkAP and TkRMD are reported for every k = 1..k_max
-      (capped at N − 1).
-    metric: "cosine" (CosFace models) or "euclidean" (triplet models); angles are
-      always from the cosine.
-    chunk: queries per step; memory is about 6 · chunk · N · 4 bytes.
+    Args:
+      embeddings: [N, D] array (numpy or jax).
+      labels: [N] identities, any hashable values (strings are fine).
+      k_max: largest cut-off; DTkAP and TkRMD are reported for every k = 1..k_max
+        (capped at N − 1).
+      metric: "cosine" (CosFace models) or "euclidean" (triplet models); angles are
+        always from the cosine.
+      chunk: queries per step; memory is about 6 · chunk · N · 4 bytes.
 
-  Returns:
-    plain Python values: "DTkAP" and "TkRMD" lists (index k−1), "DT{k}AP" and
-    "T{k}RMD" keys for k in 1, 5, 10 where ≤ k_max, "CCDR", "n_queries" (queries
-    with a class-mate), "n_samples", "n_classes", "angle_same_mean",
-    "angle_diff_mean" (degrees), "angles_smallest" (the 10 smallest, ascending).
-  """
-  embeddings, labels = _prepare(embeddings, labels)
-  per_query, pooled, class_mates = _leave_one_out_stats(
-      embeddings, labels, metric=metric, k_max=k_max, chunk=chunk)
-  dtkap_curve, tkrmd_curve, n_queries = _rank_summary(per_query, class_mates)
-  result = {"DTkAP": dtkap_curve, "TkRMD": tkrmd_curve}
-  for k in (1, 5, 10):
-    if k <= len(dtkap_curve):
-      result[f"DT{k}AP"] = dtkap_curve[k - 1]
-      result[f"T{k}RMD"] = tkrmd_curve[k - 1]
-  result.update({
-      "CCDR": _ccdr(per_query),
-      "n_queries": n_queries,
-      "n_samples": int(labels.shape[0]),
-      "n_classes": int(labels.max()) + 1,
-      "metric": metric,
-      "k_max": len(dtkap_curve),
-  })
-  result.update(_angles(per_query, pooled))
-  return result
+    Returns:
+      plain Python values: "DTkAP" and "TkRMD" lists (index k−1), "DT{k}AP" and
+      "T{k}RMD" keys for k in 1, 5, 10 where ≤ k_max, "CCDR", "n_queries" (queries
+      with a class-mate), "n_samples", "n_classes", "angle_same_mean",
+      "angle_diff_mean" (degrees), "angles_smallest" (the 10 smallest, ascending).
+    """
+    embeddings, labels = _prepare(embeddings, labels)
+    per_query, pooled, class_mates = _leave_one_out_stats(
+        embeddings, labels, metric=metric, k_max=k_max, chunk=chunk)
+    dtkap_curve, tkrmd_curve, n_queries = _rank_summary(per_query, class_mates)
+    result = {"DTkAP": dtkap_curve, "TkRMD": tkrmd_curve}
+    for k in (1, 5, 10):
+        if k <= len(dtkap_curve):
+            result[f"DT{k}AP"] = dtkap_curve[k - 1]
+            result[f"T{k}RMD"] = tkrmd_curve[k - 1]
+    result.update({
+        "CCDR": _ccdr(per_query),
+        "n_queries": n_queries,
+        "n_samples": int(labels.shape[0]),
+        "n_classes": int(labels.max()) + 1,
+        "metric": metric,
+        "k_max": len(dtkap_curve),
+    })
+    result.update(_angles(per_query, pooled))
+    return result
 
 
 def per_query_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cosine",
                       chunk: int = 1024) -> dict[str, np.ndarray]:
-  """Per-query scores, to find the hard queries or to check one by hand.
+    """Per-query scores, to find the hard queries or to check one by hand.
 
-  Returns numpy arrays: "DTkAP" float [N, k_max] (column k−1: DTkAP(i) at cut-off k,
-  0 for singletons), "match_in_top_k" bool [N, k_max], "class_mates" int [N]
-  (|C_i| − 1; queries with 0 are left out of the means).
-  """
-  embeddings, labels = _prepare(embeddings, labels)
-  per_query, _, class_mates = _leave_one_out_stats(
-      embeddings, labels, metric=metric, k_max=k_max, chunk=chunk)
-  return {"DTkAP": per_query["dtkap"], "match_in_top_k": per_query["hit"],
-          "class_mates": class_mates}
+    Returns numpy arrays: "DTkAP" float [N, k_max] (column k−1: DTkAP(i) at cut-off k,
+    0 for singletons), "match_in_top_k" bool [N, k_max], "class_mates" int [N]
+    (|C_i| − 1; queries with 0 are left out of the means).
+    """
+    embeddings, labels = _prepare(embeddings, labels)
+    per_query, _, class_mates = _leave_one_out_stats(
+        embeddings, labels, metric=metric, k_max=k_max, chunk=chunk)
+    return {"DTkAP": per_query["dtkap"], "match_in_top_k": per_query["hit"],
+            "class_mates": class_mates}
 
 
 # --- single metrics (same pass; convenient when only one number is wanted) ------------
@@ -362,57 +362,57 @@ def per_query_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cos
 
 def dtkap(embeddings, labels, *, k: int = 5, metric: str = "cosine",
           chunk: int = 1024) -> float:
-  """Mean DTkAP with k_max = k (0.0 when no query has a class-mate)."""
-  return retrieval_metrics(embeddings, labels, k_max=k, metric=metric,
-                           chunk=chunk)["DTkAP"][-1]
+    """Mean DTkAP with k_max = k (0.0 when no query has a class-mate)."""
+    return retrieval_metrics(embeddings, labels, k_max=k, metric=metric,
+                             chunk=chunk)["DTkAP"][-1]
 
 
 def tkrmd(embeddings, labels, *, k_max: int = 10, metric: str = "cosine",
           chunk: int = 1024) -> list[float]:
-  """TkRMD for k = 1..k_max (all 0.0 when no query has a class-mate)."""
-  return retrieval_metrics(embeddings, labels, k_max=k_max, metric=metric,
-                           chunk=chunk)["TkRMD"]
+    """TkRMD for k = 1..k_max (all 0.0 when no query has a class-mate)."""
+    return retrieval_metrics(embeddings, labels, k_max=k_max, metric=metric,
+                             chunk=chunk)["TkRMD"]
 
 
 def ccdr(embeddings, labels, *, metric: str = "cosine", chunk: int = 1024) -> float:
-  """Mean per-query intra/inter distance ratio (NaN when no query has both)."""
-  return retrieval_metrics(embeddings, labels, k_max=1, metric=metric,
-                           chunk=chunk)["CCDR"]
+    """Mean per-query intra/inter distance ratio (NaN when no query has both)."""
+    return retrieval_metrics(embeddings, labels, k_max=1, metric=metric,
+                             chunk=chunk)["CCDR"]
 
 
 def angular_separation(embeddings, labels, *, chunk: int = 1024) -> dict[str, Any]:
-  """Mean same-class and different-class angle (degrees), the 10 smallest angles."""
-  result = retrieval_metrics(embeddings, labels, k_max=1, chunk=chunk)
-  return {key: result[key] for key in ("angle_same_mean", "angle_diff_mean",
-                                       "angles_smallest")}
+    """Mean same-class and different-class angle (degrees), the 10 smallest angles."""
+    result = retrieval_metrics(embeddings, labels, k_max=1, chunk=chunk)
+    return {key: result[key] for key in ("angle_same_mean", "angle_diff_mean",
+                                         "angles_smallest")}
 
 
 def nearest(embeddings, *, k: int = 5, metric: str = "cosine",
             chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-  """The k nearest other samples of every sample: (indices [N, k], distances [N, k]).
+    """The k nearest other samples of every sample: (indices [N, k], distances [N, k]).
 
-  Same ranking (and tie-break) as the metrics; for match lists and review pages.
-  """
-  _check_metric(metric)
-  embeddings = np.asarray(embeddings, dtype=np.float32)
-  n = embeddings.shape[0]
-  if n < 2:
-    raise ValueError(f"need at least 2 embeddings, got {n}")
-  k = min(int(k), n - 1)
-  chunk = max(1, min(int(chunk), n))
-  emb = jnp.asarray(embeddings)
-  out = [_nearest_chunk(jnp.arange(s, s + chunk, dtype=jnp.int32), emb, metric=metric,
-                        k=k) for s in range(0, n, chunk)]
-  idx = np.concatenate([np.asarray(i) for i, _ in out])[:n]
-  dist = np.concatenate([np.asarray(d) for _, d in out])[:n]
-  return idx, dist
+    Same ranking (and tie-break) as the metrics; for match lists and review pages.
+    """
+    _check_metric(metric)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    n = embeddings.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 embeddings, got {n}")
+    k = min(int(k), n - 1)
+    chunk = max(1, min(int(chunk), n))
+    emb = jnp.asarray(embeddings)
+    out = [_nearest_chunk(jnp.arange(s, s + chunk, dtype=jnp.int32), emb, metric=metric,
+                          k=k) for s in range(0, n, chunk)]
+    idx = np.concatenate([np.asarray(i) for i, _ in out])[:n]
+    dist = np.concatenate([np.asarray(d) for _, d in out])[:n]
+    return idx, dist
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "k"))
 def _nearest_chunk(query_index, embeddings, *, metric, k):
-  n = embeddings.shape[0]
-  q_index = jnp.minimum(query_index, n - 1)
-  dist, _ = _pairwise(embeddings[q_index], embeddings, metric)
-  is_self = jnp.arange(n)[None, :] == q_index[:, None]
-  scores, idx = jax.lax.top_k(jnp.where(is_self, -jnp.inf, _rank_scores(dist)), k)
-  return idx, -scores
+    n = embeddings.shape[0]
+    q_index = jnp.minimum(query_index, n - 1)
+    dist, _ = _pairwise(embeddings[q_index], embeddings, metric)
+    is_self = jnp.arange(n)[None, :] == q_index[:, None]
+    scores, idx = jax.lax.top_k(jnp.where(is_self, -jnp.inf, _rank_scores(dist)), k)
+    return idx, -scores
