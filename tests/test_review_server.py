@@ -71,6 +71,7 @@ def test_state_opens_at_first_unreviewed(served, catalog):
     assert state["progress"] == {"reviewed": 0, "total": len(catalog)} and state["current"] == 0
     ok(port, "POST", "/api/next", {"anchor": 0})
     assert ok(port, "GET", "/api/state")["current"] == 1
+    assert request(port, "GET", "/api/state", headers={"Host": f"localhost:{port}"})[0] == 200
 
 
 def test_anchor_view_lists_five_most_similar_first(served, catalog):
@@ -165,6 +166,7 @@ def test_static_page_is_served(served):
     ("POST", "/api/decide", None, b"x" * (server_lib.MAX_BODY + 1), {"Content-Type": "application/json"}, 413, "over"),
     ("GET", "/api/decide", None, None, None, 405, "takes POST"),
     ("DELETE", "/api/state", None, None, None, 405, "not supported"),
+    ("OPTIONS", "/api/decide", None, None, {"Origin": "http://evil.example"}, 405, "not supported"),
     ("POST", "/api/state", {}, None, None, 404, "no POST action"),
     ("GET", "/api/anchor/99", None, None, None, 400, "out of range"),
     ("GET", "/api/anchor/x", None, None, None, 404, "no such page"),

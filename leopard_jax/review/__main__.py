@@ -68,6 +68,9 @@ def serve(argv: list[str]) -> int:
         print(f"review: cannot listen on {args.host}:{args.port} ({e.strerror}); pass another --port",
               file=sys.stderr)
         return 2
+    if not server_lib.is_loopback(args.host):
+        print(f"review: listening on {args.host}: anyone who can reach this machine can read the images "
+              "and record decisions", file=sys.stderr)
     print(f"review: {len(catalog)} images, store {store.path}; open {server_lib.server_url(server)}", flush=True)
     try:
         server.serve_forever()

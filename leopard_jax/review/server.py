@@ -202,7 +202,7 @@ def _parse_json(body: bytes | None) -> dict:
     return payload
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -260,13 +260,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _not_allowed(self):
         self._send(_json({"error": f"method {self.command} is not supported"}, 405))
 
-    do_PUT = do_DELETE = do_PATCH = _not_allowed
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # OPTIONS: no CORS, ever
 
 
 def make_server(app: ReviewApp, host: str = "127.0.0.1", port: int = 0,
                 quiet: bool = True) -> http.server.ThreadingHTTPServer:
     """A threaded server (one thread per request: tabs never wait on each other's reads)."""
-    handler = type("ReviewHandler", (_Handler,), {"app": app, "check_host": _is_loopback(host), "quiet": quiet})
+    handler = type("ReviewHandler", (_Handler,), {"app": app, "check_host": is_loopback(host), "quiet": quiet})
     server_cls = http.server.ThreadingHTTPServer
     if ":" in host:
         server_cls = type("ReviewServer6", (server_cls,), {"address_family": socket.AF_INET6})
