@@ -26,6 +26,7 @@ import numpy as np
 
 FLANKS = ("left", "right")
 COAT_H, COAT_W = 256, 512  # canonical side view, head to the right (the right flank)
+HEAD = (452, 96)  # head centre in the canonical frame (face features are painted on the coat)
 
 
 def identity_names(identities: int) -> list[tuple[str, int, str]]:
@@ -38,7 +39,7 @@ def _coat(rng: np.random.Generator) -> np.ndarray:
     base = np.array([55, 140, 200], np.float32) * rng.uniform(0.8, 1.1, 3)
     belly = np.array([170, 205, 225], np.float32)
     y = np.linspace(0, 1, COAT_H, dtype=np.float32)[:, None, None]
-    mix = np.clip((y - 0.55) * 3.0, 0, 1)
+    mix = np.clip(1.0 - np.abs(y - 0.64) * 9.0, 0, 1)  # pale belly band; legs stay golden
     coat = (base * (1 - mix) + belly * mix) * np.ones((1, COAT_W, 1), np.float32)
     coat = coat.astype(np.uint8)
     dark = tuple(int(v) for v in rng.integers(10, 35, 3))
@@ -62,31 +63,49 @@ def _coat(rng: np.random.Generator) -> np.ndarray:
                 r = rng.uniform(3, 7) if not on_body else rng.uniform(5, 8)
                 axes = (int(r * rng.uniform(0.8, 1.4)), max(int(r), 1))
                 cv2.ellipse(coat, centre, axes, rng.uniform(0, 180), 0, 360, dark, -1, cv2.LINE_AA)
+    eye, nose = (HEAD[0] + 12, HEAD[1] - 8), (HEAD[0] + 46, HEAD[1] + 8)
+    cv2.ellipse(coat, eye, (7, 4), -10, 0, 360, (40, 120, 140), -1, cv2.LINE_AA)
+    cv2.circle(coat, eye, 2, (5, 5, 5), -1, cv2.LINE_AA)
+    cv2.ellipse(coat, nose, (6, 4), 0, 0, 360, (60, 60, 110), -1, cv2.LINE_AA)
+    cv2.line(coat, (nose[0] - 4, nose[1] + 6), (nose[0] - 14, nose[1] + 12), (20, 20, 20), 2, cv2.LINE_AA)
     return coat
 
 
 def _body(rng: np.random.Generator, shape: np.ndarray) -> np.ndarray:
-    """uint8 COAT_H×COAT_W silhouette mask for one pose: torso, head, legs, tail."""
+    """uint8 COAT_H×COAT_W silhouette mask for one pose: torso, neck, head, legs, tail."""
     mask = np.zeros((COAT_H, COAT_W), np.uint8)
     s = shape  # per-animal proportions: torso length, depth, head size
-    cv2.ellipse(mask, (250, 110), (int(170 * s[0]), int(58 * s[1])), 0, 0, 360, 255, -1)
-    cv2.ellipse(mask, (375, 108), (70, int(62 * s[1])), -10, 0, 360, 255, -1)
-    cv2.ellipse(mask, (140, 108), (70, int(60 * s[1])), 5, 0, 360, 255, -1)
-    head = (452, int(78 + rng.uniform(-8, 8)))
-    cv2.ellipse(mask, head, (int(40 * s[2]), int(34 * s[2])), 0, 0, 360, 255, -1)
-    cv2.fillConvexPoly(mask, np.array([[400, 75], [445, 55], [460, 110], [405, 150]], np.int32), 255)
-    for ex in (438, 462):
-        cv2.circle(mask, (ex, head[1] - int(30 * s[2])), 9, 255, -1)
-    for x, phase in ((115, 0.0), (170, 1.6), (345, 0.8), (395, 2.4)):  # legs swing with the gait
-        swing = np.sin(rng.uniform(0, 2 * np.pi) + phase) * 28
-        top, foot = (x, 140), (int(x + swing), 244)
-        cv2.line(mask, top, foot, 255, 26, cv2.LINE_AA)
-        cv2.ellipse(mask, foot, (16, 8), 0, 0, 360, 255, -1)
-    t = np.linspace(0, 1, 12)
-    curl = rng.uniform(-60, 60)
-    tail = np.stack([85 - 80 * t, 95 + 120 * t**1.5 - curl * t**3], 1).astype(np.int32)
-    cv2.polylines(mask, [tail], False, 255, 14, cv2.LINE_AA)
+    depth = int(50 * s[1])
+    cv2.ellipse(mask, (245, 112), (int(150 * s[0]), depth), 0, 0, 360, 255, -1)
+    cv2.ellipse(mask, (360, 115), (62, depth + 6), -15, 0, 360, 255, -1)  # chest and shoulder
+    cv2.ellipse(mask, (135, 108), (62, depth + 4), 10, 0, 360, 255, -1)  # haunch
+    head_y = HEAD[1] + int(rng.uniform(-10, 10))
+    cv2.fillConvexPoly(mask, np.array([[375, 70], [440, head_y - 25], [455, head_y + 20], [395, 160]], np.int32), 255)
+    cv2.ellipse(mask, (HEAD[0], head_y), (int(36 * s[2]), int(31 * s[2])), 0, 0, 360, 255, -1)
+    cv2.ellipse(mask, (HEAD[0] + 30, head_y + 12), (18, 14), 0, 0, 360, 255, -1)  # muzzle
+    for ex in (432, 452):  # ears
+        cv2.circle(mask, (ex, head_y - int(29 * s[2])), 8, 255, -1)
+    for x, phase, hind in ((118, 0.0, True), (168, 1.6, True), (345, 0.8, False), (390, 2.4, False)):
+        swing = np.sin(rng.uniform(0, 2 * np.pi) + phase) * 24
+        top, knee, foot = (x, 140), (int(x + swing * 0.5 + (10 if hind else 0)), 190), (int(x + swing), 240)
+        cv2.line(mask, top, knee, 255, 30 if hind else 26, cv2.LINE_AA)
+        cv2.line(mask, knee, foot, 255, 18, cv2.LINE_AA)
+        cv2.ellipse(mask, (foot[0] + 5, foot[1]), (14, 8), 0, 0, 360, 255, -1)  # paw
+    t = np.linspace(0, 1, 16)
+    curl = rng.uniform(-70, 50)
+    tail = np.stack([80 - 78 * t, 90 + 110 * t**1.4 - curl * t**3], 1).astype(np.int32)
+    for k in range(len(tail) - 1):  # tapering tail
+        cv2.line(mask, tuple(int(v) for v in tail[k]), tuple(int(v) for v in tail[k + 1]), 255,
+                 int(16 - 8 * t[k]), cv2.LINE_AA)
     return mask
+
+
+def _shading(mask: np.ndarray) -> np.ndarray:
+    """float32 H×W×1 light: brighter on the back, darker towards the silhouette's rim (volume)."""
+    rim = cv2.distanceTransform((mask > 127).astype(np.uint8), cv2.DIST_L2, 3)
+    rim = 0.55 + 0.45 * np.minimum(rim / 14.0, 1.0)
+    top = np.linspace(1.15, 0.8, COAT_H, dtype=np.float32)[:, None]
+    return (rim * top)[..., None]
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -151,9 +170,8 @@ def render_photo(coat: np.ndarray, shape: np.ndarray, flank: str, rng: np.random
     """One BGR uint8 photo of the animal with this coat."""
     scene = cv2.resize(_background(rng, height // 2, width // 2), (width, height), interpolation=cv2.INTER_LINEAR)
     body = _body(rng, shape)
-    shade = np.linspace(1.15, 0.75, COAT_H, dtype=np.float32)[:, None, None]  # lit from above
     homography = _pose(rng, height, width, flank)
-    animal = cv2.warpPerspective((coat * shade).clip(0, 255), homography, (width, height), flags=cv2.INTER_LINEAR)
+    animal = cv2.warpPerspective((coat * _shading(body)).clip(0, 255), homography, (width, height), flags=cv2.INTER_LINEAR)
     alpha = cv2.warpPerspective(body, homography, (width, height), flags=cv2.INTER_LINEAR)
     alpha = cv2.GaussianBlur(alpha, (3, 3), 0).astype(np.float32) * np.float32(1 / 255)
     image = cv2.blendLinear(scene, animal, 1 - alpha, alpha)
