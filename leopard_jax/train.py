@@ -163,12 +163,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     def loader(epoch: int):
         return pipeline.train_loader(
-                train_rows, config.data_dir, labels=train_labels, global_batch=config.batch_size, seed=config.seed,
-                epoch=epoch, num_devices=n_global, process_index=jax.process_index(), process_count=jax.process_count(),
-                images_per_identity=config.images_per_identity, augment_config=config.augment,
-                worker_count=config.workers, keep_singletons=config.keep_singletons)
+            train_rows, config.data_dir, labels=train_labels, global_batch=config.batch_size, seed=config.seed,
+            epoch=epoch, num_devices=n_global, process_index=jax.process_index(), process_count=jax.process_count(),
+            images_per_identity=config.images_per_identity, augment_config=config.augment.to_dict(),
+            worker_count=config.workers, keep_singletons=config.keep_singletons)
 
-    steps_per_epoch = len(loader(0))
+    steps_per_epoch = len(pipeline.train_table(
+        train_rows, labels=train_labels, global_batch=config.batch_size, seed=config.seed, epoch=0,
+        num_devices=n_global, images_per_identity=config.images_per_identity, keep_singletons=config.keep_singletons))
     model = ts.build_model(config.model)
     tx = ts.make_optimizer(config, steps_per_epoch)
     state = ts.init_state(config, model, num_classes=len(class_names), input_shape=(height, width, channels), tx=tx,
@@ -209,7 +211,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             images = batch["image"].reshape(n_local, -1, *batch["image"].shape[1:])
             emb = np.asarray(p_embed(rstate, images)).reshape(-1, config.model.dims)
             chunks.append(emb[batch["mask"]])
-        result = metrics.retrieval_metrics(np.concatenate(chunks), test_labels, k_max=config.eval.k_max)
+        result = metrics.retrieval_metrics(np.concatenate(chunks), test_labels, k_max=config.eval.k_max,
+                                           metric="euclidean" if config.loss.name == "triplet" else "cosine")
         return {k: result[k] for k in ("DT5AP", "T1RMD", "T5RMD", "CCDR")}
 
     def save(which: str) -> None:
@@ -233,7 +236,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             if progress["step_in_epoch"] and progress["data_state"] is not None:
                 iterator.set_state(decode_state(progress["data_state"]))
             losses_seen, dt5aps, images_seen, start = [], [], 0, time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            bar = tqdm(total=len(data), initial=progress["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.num_epochs}",
                                   disable=not is_main, unit="step", dynamic_ncols=True)
             for batch in iterator:
                 sharded = {k: v.reshape(n_local, -1, *v.shape[1:]) for k, v in batch.items()}
