@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.split = ml_collections.ConfigDict(dict(test_fraction=0.2, seed=0))
 
     c.augment = ml_collections.ConfigDict(dict(
-            rotate_degrees=10.0,  # ± uniform
+            rotate_deg=10.0,  # ± uniform
             crop_fraction=0.1,  # up to this much of each side, then resized back
             brightness=0.2,  # colour jitter on RGB only: "slight", as in the paper
             contrast=0.2,
