@@ -87,11 +87,12 @@ class ConvBnAct(nn.Module):
     residual: bool
     drop_path: float
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Conv(self.out_ch, self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, name="bn1")(y))
+        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -107,13 +108,14 @@ class EdgeResidual(nn.Module):
     residual: bool
     drop_path: float
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Conv(self.mid, self.kernel, self.stride, dtype=self.dtype, name="conv_exp")(x)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, name="bn1")(y))
+        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
         y = Conv(self.out_ch, 1, dtype=self.dtype, name="conv_pwl")(y)
-        y = batch_norm(train, BN_EPS_TF, self.dtype, name="bn2")(y)
+        y = batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn2")(y)
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -132,17 +134,18 @@ class InvertedResidual(nn.Module):
     drop_path: float
     depthwise_impl: str | None = None
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Conv(self.mid, 1, dtype=self.dtype, name="conv_pw")(x)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, name="bn1")(y))
+        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
         y = DepthwiseConv(self.kernel, self.stride, impl=self.depthwise_impl, dtype=self.dtype, name="conv_dw")(y)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, name="bn2")(y))
+        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn2")(y))
         if self.se:
             y = SqueezeExcite(self.se, dtype=self.dtype, name="se")(y)
         y = Conv(self.out_ch, 1, dtype=self.dtype, name="conv_pwl")(y)
-        y = batch_norm(train, BN_EPS_TF, self.dtype, name="bn3")(y)
+        y = batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn3")(y)
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -160,6 +163,7 @@ class EfficientNetV2(nn.Module):
     drop_path_rate: float = 0.0
     depthwise_impl: str | None = None
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
     @property
     def num_features(self) -> int:
@@ -170,10 +174,11 @@ class EfficientNetV2(nn.Module):
         plan = block_plan(self.variant)
         x = x.astype(self.dtype)
         x = Conv(plan[0]["in_ch"], 3, 2, dtype=self.dtype, name="conv_stem")(x)
-        x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, name="bn1")(x))
+        x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(x))
         for idx, b in enumerate(plan):
             common = dict(out_ch=b["out_ch"], kernel=b["kernel"], stride=b["stride"], residual=b["residual"],
-                          drop_path=self.drop_path_rate * idx / len(plan), dtype=self.dtype, name=b["name"])
+                          drop_path=self.drop_path_rate * idx / len(plan), dtype=self.dtype,
+                          bn_axis_name=self.bn_axis_name, name=b["name"])
             if b["block"] == "cn":
                 x = ConvBnAct(**common)(x, train)
             elif b["block"] == "er":
@@ -181,7 +186,7 @@ class EfficientNetV2(nn.Module):
             else:
                 x = InvertedResidual(mid=b["mid"], se=b["se"], depthwise_impl=self.depthwise_impl, **common)(x, train)
         x = Conv(self.num_features, 1, dtype=self.dtype, name="conv_head")(x)
-        x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, name="bn2")(x))
+        x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn2")(x))
         x = jnp.mean(x, axis=(1, 2))
         if self.num_classes:
             x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="classifier")(x)

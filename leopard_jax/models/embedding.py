@@ -39,6 +39,7 @@ class EmbeddingModel(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     in_chans: int | None = None  # recorded in model.json for readers; the input decides
+    bn_axis_name: str | None = None  # pmap axis: batch statistics over the global batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -46,6 +47,6 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
         classes = SPOTID_CLASSES if self.head == "spotid" else 0
         backbone = build_backbone(self.backbone, num_classes=classes, drop_path_rate=self.drop_path_rate,
-                                  dtype=self.dtype, name="backbone")
+                                  dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="backbone")
         projection = nn.Dense(self.dims, dtype=self.dtype, param_dtype=jnp.float32, name="embedding")
         return l2_normalize(projection(backbone(x, train)))

@@ -134,10 +134,15 @@ class DepthwiseConv(nn.Module):
         return impl(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
 
 
-def batch_norm(train: bool, epsilon: float, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-    """torch-equivalent batch norm: fp32 scale/bias/statistics whatever the compute dtype."""
+def batch_norm(train: bool, epsilon: float, dtype: Dtype, name: str | None = None,
+               axis_name: str | None = None) -> nn.BatchNorm:
+    """torch-equivalent batch norm: fp32 scale/bias/statistics whatever the compute dtype.
+
+    `axis_name` (a pmap axis) makes training statistics those of the global batch, so 1 or N
+    devices compute the same step."""
     return nn.BatchNorm(
         use_running_average=not train,
+        axis_name=axis_name if train else None,
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
         dtype=dtype,

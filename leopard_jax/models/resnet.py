@@ -24,17 +24,18 @@ class BasicBlock(nn.Module):
     stride: int
     drop_path: float
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Conv(self.out_ch, 3, self.stride, padding=1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(batch_norm(train, BN_EPS_TORCH, self.dtype, name="bn1")(y))
+        y = nn.relu(batch_norm(train, BN_EPS_TORCH, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
         y = Conv(self.out_ch, 3, 1, padding=1, dtype=self.dtype, name="conv2")(y)
-        y = batch_norm(train, BN_EPS_TORCH, self.dtype, name="bn2")(y)
+        y = batch_norm(train, BN_EPS_TORCH, self.dtype, axis_name=self.bn_axis_name, name="bn2")(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.out_ch:
             shortcut = Conv(self.out_ch, 1, self.stride, padding=0, dtype=self.dtype, name="downsample_0")(x)
-            shortcut = batch_norm(train, BN_EPS_TORCH, self.dtype, name="downsample_1")(shortcut)
+            shortcut = batch_norm(train, BN_EPS_TORCH, self.dtype, axis_name=self.bn_axis_name, name="downsample_1")(shortcut)
         return nn.relu(DropPath(self.drop_path)(y, train) + shortcut)
 
 
@@ -48,6 +49,7 @@ class ResNet18(nn.Module):
     num_classes: int = 1000
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
     @property
     def num_features(self) -> int:
@@ -57,14 +59,14 @@ class ResNet18(nn.Module):
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         x = Conv(64, 7, 2, padding=3, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(batch_norm(train, BN_EPS_TORCH, self.dtype, name="bn1")(x))
+        x = nn.relu(batch_norm(train, BN_EPS_TORCH, self.dtype, axis_name=self.bn_axis_name, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         total, idx = sum(DEPTHS), 0
         for s, (width, depth) in enumerate(zip(WIDTHS, DEPTHS)):
             for i in range(depth):
                 stride = 2 if (s > 0 and i == 0) else 1
                 x = BasicBlock(width, stride, self.drop_path_rate * idx / (total - 1), dtype=self.dtype,
-                               name=f"layer{s + 1}_{i}")(x, train)
+                               bn_axis_name=self.bn_axis_name, name=f"layer{s + 1}_{i}")(x, train)
                 idx += 1
         x = jnp.mean(x, axis=(1, 2))
         if self.num_classes:
