@@ -129,7 +129,8 @@ def cosface_loss(embeddings: jax.Array,
       embeddings: [B, D]; L2-normalised here (zero rows are tolerated).
       centers: [C, D] class centres (the training-only classification layer),
         normalised here.
-      labels: int [B] in [0, C), -1 for padding rows.
+      labels: int [B] in [0, C), -1 for padding rows (labels >= C cannot be checked
+        under jit: such a row gets no true-class logit).
       scale: s, the radius of the hypersphere the logits live on.
       margin: m.
       margin_fn: a name in MARGIN_FUNCTIONS or a function h(cos θ_y); "constant" is

@@ -3,7 +3,9 @@
 Every sample is a query against all the others (leave-one-out). Definitions:
 
 - rank: the other samples sorted by distance; equal distances are ranked by index
-  (lower index first), so results are deterministic.
+  (lower index first), so results are deterministic. Distances are float32: equal
+  inputs (duplicate embeddings, equal dot products) give exactly equal distances, but
+  distances that differ only in the last bit are not ties.
 - DTkAP (Dynamic Top-k Average Precision): k_i = min(|C_i| − 1, k);
   DTkAP(i) = (1/k_i)·Σ_{j≤k_i} P(j), P(j) = (matches in the top j)/j. Queries whose
   class is a singleton (k_i = 0) are skipped; the metric is their mean.
@@ -21,7 +23,8 @@ no inter-class distance), since 0 would read as a perfect score. "n_queries" say
 how many queries counted.
 
 The distance matrix is never held whole: each jitted step takes `chunk` queries
-against all N samples (chunk × N floats), so N = 20,000 fits in a few hundred MB.
+against all N samples (chunk × N floats): N = 20,000, D = 1024 peaks at ~1 GB of
+host memory with the default chunk of 1024.
 """
 
 from __future__ import annotations
