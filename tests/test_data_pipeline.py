@@ -74,6 +74,16 @@ def test_images_are_the_augmented_records(dataset):
         np.testing.assert_array_equal(batch["image"][slot], expected)
 
 
+def test_unnormalised_batches_are_uint8_and_normalise_to_the_same(dataset):
+    path, rows = dataset
+    kw = dict(global_batch=8, seed=4, epoch=0, num_devices=2)
+    floats = next(iter(pipeline.train_loader(rows, path, **kw)))
+    raw = next(iter(pipeline.train_loader(rows, path, normalize=False, **kw)))
+    assert raw["image"].dtype == np.uint8
+    np.testing.assert_array_equal(augment.normalize(raw["image"]), floats["image"])
+    np.testing.assert_array_equal(raw["label"], floats["label"])
+
+
 def test_process_slices_are_columns_of_the_global_batch(dataset):
     path, rows = dataset
     kw = dict(global_batch=8, seed=1, epoch=0, num_devices=4)
