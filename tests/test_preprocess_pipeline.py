@@ -158,3 +158,15 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize("workers", [-1, 1])
+def test_a_broken_model_is_one_clear_error(tmp_path, workers):
+    photo(tmp_path / "in" / "a.jpg", 0)
+    (tmp_path / "det.onnx").write_bytes(b"not a model")
+    c = settings(tmp_path / "in", tmp_path / "out", workers=workers, **{"detector.model": str(tmp_path / "det.onnx")})
+    with pytest.raises(pipeline.PreprocessError, match="det.onnx: not a loadable ONNX model") as e:
+        pipeline.run(c, log=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert records.read_manifest(tmp_path / "out") == []
+    assert not (tmp_path / "out" / records.REJECTED_FILE).is_file() or not rejected_rows(tmp_path / "out")

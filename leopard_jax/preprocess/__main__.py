@@ -53,6 +53,9 @@ def main(argv):
     except (pipeline.PreprocessError, inputs.InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished photos are saved; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     print(summary.line(str(_OUTPUT.value or _CONFIG.value.output)), file=sys.stderr)
     sys.exit(0 if summary.ok else 1)
 

@@ -56,8 +56,11 @@ def new_session(model: str, custom_session: str = "u2net_custom", threads: int =
     path = pathlib.Path(model).expanduser().absolute()
     if not path.is_file():
         raise FileNotFoundError(f"background model {path}: no such file; give a .onnx file or a rembg model name")
-    with _model_home(path.parent):
-        return rembg.new_session(custom_session, sess_opts=options, providers=providers, model_path=str(path))
+    try:
+        with _model_home(path.parent):
+            return rembg.new_session(custom_session, sess_opts=options, providers=providers, model_path=str(path))
+    except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail...)
+        raise ValueError(f"background model {path}: not loadable by rembg {custom_session!r} ({e})") from None
 
 
 def predict_mask(session, rgb: np.ndarray) -> np.ndarray:

@@ -213,7 +213,10 @@ class Detector:
     ):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"detector {model_path}: no such file; give an ONNX file or 'none'")
-        self.session = onnx_session(model_path, threads)
+        try:
+            self.session = onnx_session(model_path, threads)
+        except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail...)
+            raise ValueError(f"detector {model_path}: not a loadable ONNX model ({e}); check the file") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_hw = self._input_hw(inp.shape, input_size, model_path)

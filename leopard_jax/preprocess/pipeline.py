@@ -23,6 +23,7 @@ import itertools
 import multiprocessing
 import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -302,12 +303,22 @@ def process_safely(stages: Stages, photo: inputs.Photo, output: pathlib.Path) ->
 _WORKER: dict[str, Any] = {}
 
 
+class WorkerSetupError(RuntimeError):
+    """A worker could not build its models; carries the one-line reason to the main process."""
+
+
 def _init_worker(settings: dict[str, Any], output: str) -> None:
-    _WORKER["stages"] = build_stages(settings)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _WORKER["output"] = pathlib.Path(output)
+    try:
+        _WORKER["stages"] = build_stages(settings)
+    except Exception as e:  # noqa: BLE001 - reported on the first task, as one line
+        _WORKER["error"] = f"{e}"
 
 
 def _work(photo: inputs.Photo) -> PhotoResult:
+    if "error" in _WORKER:
+        raise WorkerSetupError(_WORKER["error"])
     return process_safely(_WORKER["stages"], photo, _WORKER["output"])
 
 
@@ -421,14 +432,14 @@ def run(config, *, log: Callable[[str], None] = lambda m: print(m, file=sys.stde
             f"with {settings['workers'] if settings['workers'] > 0 else 'no'} worker processes "
             f"(detector: {settings['detector']['model']}, background: {settings['background']['model']})"
         )
-        try:
-            stages = build_stages(settings)  # fail here, once, with a clear message
-        except (OSError, ValueError, RuntimeError) as e:
-            raise PreprocessError(str(e)) from None
+        stages = None  # worker processes build their own (and report a failure on their first photo)
+        if settings["workers"] < 0 and todo:
+            try:
+                stages = build_stages(settings)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise PreprocessError(str(e)) from None
         records.save_settings(output, saved)
         rejected_path = prepare_rejected(output)
-        if settings["workers"] >= 0:
-            stages = None  # workers build their own; free this copy's memory
         _write_all(settings, output, todo, stages, rejected_path, summary)
     summary.seconds = time.time() - started
     return summary
@@ -470,6 +481,9 @@ def _write_all(settings, output, todo, stages, rejected_path, summary: Summary) 
     except KeyboardInterrupt:
         commit()  # everything finished so far is kept; the rest is redone on rerun
         raise
+    except WorkerSetupError as e:
+        commit()
+        raise PreprocessError(str(e)) from None
     except BrokenProcessPool:
         commit()
         raise PreprocessError(
