@@ -102,14 +102,20 @@ def test_other_settings_on_resume_are_refused(tmp_path):
         pipeline.run(settings(tmp_path / "in", tmp_path / "out", **{"edges.canny_low": 40}), log=lambda m: None)
 
 
-def test_a_cut_rejected_line_is_dropped_and_redone(tmp_path):
+def test_leftovers_of_a_killed_run_are_cleaned_and_redone(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.jpg").write_bytes(b"junk")
     photo(tmp_path / "in" / "ok.jpg", 1)
     out = tmp_path / "out"
     out.mkdir()
     (out / records.REJECTED_FILE).write_text(f"source,identity,reason\n{tmp_path}/in/bad.j")  # killed mid-line
+    (out / "shards").mkdir()
+    leftovers = [out / "shards" / "old-00000.array_record", out / "shards" / "old-00001.csv.tmp", out / "crops" / "k#0.jpg.tmp"]
+    (out / "crops").mkdir()
+    for path in leftovers:
+        path.write_bytes(b"half")
     pipeline.run(settings(tmp_path / "in", out), log=lambda m: None)
+    assert not any(path.exists() for path in leftovers)
     text = (out / records.REJECTED_FILE).read_text()
     assert text.endswith("\n") and list(rejected_rows(out)) == ["bad.jpg"]
 
@@ -149,6 +155,8 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"{committed} skipped" in resumed.stderr
     rows = records.read_manifest(out)
+    assert not list(out.rglob("*.tmp"))
+    assert sorted(p.stem for p in (out / "shards").glob("*.array_record")) == records.shard_names(out)
     assert sorted(r["source"] for r in rows) == sorted(str(p) for p in (tmp_path / "in").rglob("*.jpg"))
     assert len({r["key"] for r in rows}) == n
     # Same records as one uninterrupted run.

@@ -396,6 +396,19 @@ def append_rejected(path: pathlib.Path, rows: list[tuple[str, str, str]]) -> Non
         os.close(fd)
 
 
+def remove_leftovers(output: pathlib.Path) -> int:
+    """Files a killed run left half-done (temp files, records without their CSV); readers
+    never saw them, and the photos behind them are redone. Only call while holding the lock."""
+    shards = output / records.SHARDS_DIR
+    stale = [p for p in shards.glob("*.array_record") if not p.with_suffix(".csv").exists()]
+    for folder in (shards, output / "crops", output / "edges"):
+        if folder.is_dir():
+            stale.extend(folder.rglob("*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _existing_keys(output: pathlib.Path) -> set[str]:
     return {row["key"].rsplit("#", 1)[0] for row in records.read_manifest(output)}
 
@@ -422,6 +435,7 @@ def run(config, *, log: Callable[[str], None] = lambda m: print(m, file=sys.stde
     with _exclusive(output):
         saved = dataset_settings(settings)
         check_same_settings(output, saved)
+        remove_leftovers(output)
         done = records.done_sources(output)
         todo = [p for p in photos if p.source not in done]
         summary.skipped = len(photos) - len(todo)
