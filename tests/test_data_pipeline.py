@@ -105,6 +105,18 @@ def test_same_stream_for_same_seed_and_epoch(dataset):
     assert not np.array_equal(np.concatenate([x["label"] for x in a]), np.concatenate([x["label"] for x in c]))
 
 
+def test_a_multi_epoch_stream_is_the_epochs_in_sequence(dataset):
+    path, rows = dataset
+    kw = dict(global_batch=8, seed=1, num_devices=2)
+    stream = pipeline.train_loader(rows, path, epoch=3, num_epochs=2, **kw)
+    single = _batches(pipeline.train_loader(rows, path, epoch=3, **kw)) + _batches(
+        pipeline.train_loader(rows, path, epoch=4, **kw))
+    assert stream.steps == len(single) and stream.steps_per_epoch == len(single) // 2
+    for a, b in zip(_batches(stream), single, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def _state_round_trip(path, rows, worker_count):
     kw = dict(global_batch=8, seed=2, epoch=1, num_devices=2, worker_count=worker_count, keep_singletons=True)
     it = iter(pipeline.train_loader(rows, path, **kw))

@@ -45,11 +45,10 @@ def label_array(rows: Sequence[Row], classes: Sequence[str]) -> np.ndarray:
 class _Example:
     """Position in the epoch table -> one example dict. Picklable, for grain workers."""
 
-    def __init__(self, source: records.RecordSource, table: np.ndarray, positions: np.ndarray,
-                 labels: np.ndarray, config: augment_lib.AugmentConfig | None, seed: int, epoch: int,
-                 normalize: bool = True):
-        self.source, self.table, self.positions, self.labels = source, table, positions, labels
-        self.config, self.seed, self.epoch, self.normalize = config, seed, epoch, normalize
+    def __init__(self, source: records.RecordSource, table: np.ndarray, positions: np.ndarray, epochs: np.ndarray,
+                 labels: np.ndarray, config: augment_lib.AugmentConfig | None, seed: int, normalize: bool = True):
+        self.source, self.table, self.positions, self.epochs = source, table, positions, epochs
+        self.labels, self.config, self.seed, self.normalize = labels, config, seed, normalize
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
         index = int(self.table[i])
@@ -58,7 +57,7 @@ class _Example:
             return {"image": np.zeros(self.source.shape, dtype), "label": np.int32(-1), "mask": np.bool_(False)}
         image = self.source[index]
         if self.config is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, int(self.positions[i])])
+            rng = np.random.default_rng([self.seed, int(self.epochs[i]), int(self.positions[i])])
             image = augment_lib.augment(image, rng, self.config)
         if self.normalize:
             image = augment_lib.normalize(image)
@@ -79,11 +78,16 @@ def _batched(example: _Example, batch: int, worker_count: int, read_threads: int
 
 @dataclasses.dataclass(frozen=True)
 class Epoch:
-    """One epoch of `steps` batches. `iter(epoch)` is always the same grain iterator, whose
-    get_state()/set_state() save and restore the position (state is a small dict)."""
+    """`steps` batches (of `num_epochs` epochs). `iter(epoch)` is always the same grain
+    iterator, whose get_state()/set_state() save and restore the position (a small dict)."""
 
     iterator: grain.DatasetIterator
     steps: int
+    num_epochs: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps // self.num_epochs
 
     def __len__(self) -> int:
         return self.steps
@@ -126,8 +130,11 @@ def train_loader(
     images_per_identity: int = 4,
     labels: np.ndarray | None = None,
     normalize: bool = True,
+    num_epochs: int = 1,
 ) -> Epoch:
-    """This process's batches for one epoch: [global_batch / process_count, H, W, 4] each.
+    """This process's batches for epochs [epoch, epoch + num_epochs): [global_batch /
+    process_count, H, W, 4] each. Several epochs in one stream keep worker processes (and
+    their prefetch) alive across epoch boundaries; every epoch has the same step count.
 
     `num_devices` is the global device count; device shards are contiguous, so
     `x.reshape(local_devices, -1, ...)` keeps each identity group on one device. Labels
@@ -142,14 +149,20 @@ def train_loader(
     labels = np.asarray(labels, dtype=np.int32)
     if labels.shape != (len(rows),):
         raise ValueError(f"labels has shape {labels.shape}; expected one per row ({len(rows)},)")
-    table = train_table(rows, global_batch=global_batch, seed=seed, epoch=epoch, num_devices=num_devices,
-                        keep_singletons=keep_singletons, images_per_identity=images_per_identity, labels=labels)
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
     columns = sampling.process_columns(global_batch, num_devices, process_index, process_count)
-    positions = np.arange(table.size).reshape(table.shape)[:, columns]
-    example = _Example(records.RecordSource(dataset_dir, rows), table[:, columns].ravel(), positions.ravel(),
-                       labels, augment_lib.AugmentConfig.of(augment_config), int(seed), int(epoch), normalize)
-    dataset = _batched(example, columns.stop - columns.start, worker_count, read_threads)
-    return Epoch(iter(dataset), len(table))
+    tables = [train_table(rows, global_batch=global_batch, seed=seed, epoch=e, num_devices=num_devices,
+                          keep_singletons=keep_singletons, images_per_identity=images_per_identity, labels=labels)
+              for e in range(epoch, epoch + num_epochs)]
+    steps, width = tables[0].shape[0], columns.stop - columns.start
+    assert all(len(t) == steps for t in tables), "packing gives every epoch the same number of batches"
+    positions = np.arange(tables[0].size).reshape(tables[0].shape)[:, columns].ravel()
+    example = _Example(records.RecordSource(dataset_dir, rows), np.concatenate([t[:, columns].ravel() for t in tables]),
+                       np.tile(positions, num_epochs), np.repeat(np.arange(epoch, epoch + num_epochs), steps * width),
+                       labels, augment_lib.AugmentConfig.of(augment_config), int(seed), normalize)
+    dataset = _batched(example, width, worker_count, read_threads)
+    return Epoch(iter(dataset), steps * num_epochs, num_epochs)
 
 
 def eval_batches(
@@ -171,6 +184,6 @@ def eval_batches(
     steps = -(-len(rows) // batch)
     table = np.full(steps * batch, -1, dtype=np.int64)
     table[: len(rows)] = np.arange(len(rows))
-    example = _Example(records.RecordSource(dataset_dir, rows), table, np.arange(len(table)),
-                       label_array(rows, class_names(rows)), None, 0, 0, normalize)
+    example = _Example(records.RecordSource(dataset_dir, rows), table, np.arange(len(table)), np.zeros(len(table), int),
+                       label_array(rows, class_names(rows)), None, 0, normalize)
     return Epoch(iter(_batched(example, batch, worker_count, read_threads)), steps)
