@@ -35,14 +35,12 @@ def is_model_file(model: str) -> bool:
 def new_session(model: str, custom_session: str = "u2net_custom", threads: int = 0):
     """A rembg session from a model name ("u2netp"; rembg downloads it once into its home)
     or a local .onnx file (run with rembg's `custom_session` class, default u2net_custom)."""
-    import onnxruntime as ort
     import rembg
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    from leopard_jax.preprocess.detect import providers as available_providers
+    from leopard_jax.preprocess.detect import session_options
+
+    options, providers = session_options(threads), available_providers()
     if not is_model_file(model):
         try:
             return rembg.new_session(model, sess_opts=options, providers=providers)
