@@ -129,8 +129,10 @@ def test_cli_errors_and_exit_codes(tmp_path):
     assert empty.returncode == 2 and "no photos found" in empty.stderr
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.jpg").write_bytes(b"junk")
-    nothing = cli("--input", str(tmp_path / "junk"), "--output", str(tmp_path / "o"), "--detector", "none", "--workers=-1")
+    nothing = cli("--config", "configs/preprocess.py", "--config.render.width=128", "--input", str(tmp_path / "junk"),
+                  "--output", str(tmp_path / "o"), "--detector", "none", "--workers=-1")
     assert nothing.returncode == 1 and "0 records" in nothing.stderr and "1 rejected" in nothing.stderr
+    assert records.load_settings(tmp_path / "o")["width"] == 128  # the config file and its override were read
 
 
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
