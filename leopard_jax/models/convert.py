@@ -21,6 +21,7 @@ as spotID does for its edge channel.
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import re
 import sys
@@ -60,14 +61,20 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     except Exception as e:  # corrupt or foreign file: name it, say what was expected
         raise ConvertError(f"{path}: cannot read as a {'safetensors' if path.suffix == '.safetensors' else 'torch'} "
                            f"checkpoint ({type(e).__name__}: {e}); is it a complete state dict file?") from e
+    return normalize_state_dict(state, str(path))
+
+
+def normalize_state_dict(state: Any, where: str = "checkpoint") -> dict[str, np.ndarray]:
+    """A loaded checkpoint object -> {key: float32 array}: unwraps `{"model_state_dict": ...}`
+    style containers, drops a DataParallel `module.` prefix and batch-norm counters."""
     while isinstance(state, Mapping) and not _is_tensor_dict(state):
         inner = next((state[k] for k in WRAPPER_KEYS if k in state and isinstance(state[k], Mapping)), None)
         if inner is None:
-            raise ConvertError(f"{path}: holds a dict with keys {sorted(state)[:8]} but no state dict "
+            raise ConvertError(f"{where}: holds a dict with keys {sorted(state)[:8]} but no state dict "
                                f"(looked for {WRAPPER_KEYS}); save model.state_dict() instead")
         state = inner
     if not isinstance(state, Mapping):
-        raise ConvertError(f"{path}: holds a {type(state).__name__}, not a state dict; save model.state_dict()")
+        raise ConvertError(f"{where}: holds a {type(state).__name__}, not a state dict; save model.state_dict()")
     return {re.sub(r"^module\.", "", k): _to_numpy(v) for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
 
 
@@ -141,7 +148,9 @@ def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=16)
 def _backbone_template(backbone: str, num_classes: int, in_chans: int) -> dict:
+    """Shapes only (eval_shape), cached: tracing a network costs about a second."""
     import jax
     import jax.numpy as jnp
 

@@ -1,0 +1,94 @@
+"""Flax backbones against timm itself: same random weights, same input, eval mode.
+
+timm builds the reference with random weights (nothing downloaded); batch-norm scale, bias
+and running statistics are randomised too, since timm's init leaves them at 1/0 (and
+zero-inits ResNet's last BN), which would hide a wrong epsilon or a swapped mean/var.
+4 input channels use the widening rule on both sides: a 4-channel timm model is loaded with
+the 3-channel stem plus a copy of its first channel, written here independently of convert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import jax  # noqa: E402
+
+from leopard_jax.models import build_backbone  # noqa: E402
+from leopard_jax.models.convert import convert_backbone  # noqa: E402
+
+TOL = 1e-4  # max |diff| <= TOL * max |reference|
+SIZES = [(224, 224), (128, 256)]
+CASES = [  # (ours, timm, [(in_chans, (H, W)), ...]); B2 skips two combinations to save compiles
+    ("efficientnetv2_b0", "tf_efficientnetv2_b0", [(c, s) for c in (3, 4) for s in SIZES]),
+    ("resnet18", "resnet18", [(c, s) for c in (3, 4) for s in SIZES]),
+    ("efficientnetv2_b2", "tf_efficientnetv2_b2", [(3, SIZES[0]), (4, SIZES[1])]),
+]
+STEM = {"efficientnetv2_b0": "conv_stem.weight", "efficientnetv2_b2": "conv_stem.weight", "resnet18": "conv1.weight"}
+
+
+def randomize_batch_norm(model, seed: int = 1):
+    """Non-trivial BN affine parameters and running statistics, then eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                n = mod.num_features
+                mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model.eval()
+
+
+def timm_pair(timm_name: str, stem_key: str, seed: int = 0):
+    """(3-channel model, 4-channel model with the widened stem, 3-channel numpy state dict)."""
+    torch.manual_seed(seed)
+    rgb = randomize_batch_norm(timm.create_model(timm_name, pretrained=False))
+    state = rgb.state_dict()
+    widened = dict(state)
+    widened[stem_key] = torch.cat([state[stem_key], state[stem_key][:, :1]], dim=1)
+    four = timm.create_model(timm_name, pretrained=False, in_chans=4)
+    four.load_state_dict(widened)
+    return rgb, four.eval(), {k: v.numpy() for k, v in state.items()}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def case(request):
+    name, timm_name, combos = request.param
+    rgb, four, state = timm_pair(timm_name, STEM[name])
+    model = build_backbone(name)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return dict(name=name, timm={3: rgb, 4: four}, state=state, forward=forward, combos=combos)
+
+
+def test_outputs_match_timm(case):
+    rng = np.random.default_rng(0)
+    for in_chans, (h, w) in case["combos"]:
+        variables, _ = convert_backbone(case["state"], case["name"], in_chans, num_classes=1000)
+        x = rng.standard_normal((2, in_chans, h, w), dtype=np.float32)
+        with torch.no_grad():
+            ref = case["timm"][in_chans](torch.from_numpy(x)).numpy()
+        out = np.asarray(case["forward"](variables, x.transpose(0, 2, 3, 1)))
+        assert out.shape == ref.shape
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        assert err <= TOL, f"{case['name']} {in_chans}ch {h}x{w}: relative max error {err:.2e}"
+
+
+def test_parameter_counts_match_timm(case):
+    for in_chans in (3, 4):
+        variables, _ = convert_backbone(case["state"], case["name"], in_chans, num_classes=1000)
+        ours = sum(np.size(p) for p in jax.tree.leaves(variables["params"]))
+        theirs = sum(p.numel() for p in case["timm"][in_chans].parameters())
+        assert ours == theirs
+
+
+def test_widened_stem_copies_first_channel(case):
+    variables, _ = convert_backbone(case["state"], case["name"], 5, num_classes=1000)
+    stem = variables["params"]["conv_stem" if "efficientnet" in case["name"] else "conv1"]["kernel"]
+    np.testing.assert_array_equal(stem[:, :, 3], stem[:, :, 0])
+    np.testing.assert_array_equal(stem[:, :, 4], stem[:, :, 0])
+    np.testing.assert_array_equal(stem[:, :, :3], case["state"][STEM[case["name"]]].transpose(2, 3, 1, 0))
