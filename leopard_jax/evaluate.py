@@ -1,0 +1,193 @@
+"""Retrieval metrics of any labelled embeddings file -> metrics.json, tkrmd.png, a table.
+
+    python -m leopard_jax.evaluate --embeddings embeddings.npz [--out DIR] [--k-max 10]
+
+Every labelled image is a query against all other labelled images (the paper's
+one-versus-all test). Nothing here knows about leopards: any species' embeddings work
+(the paper's tiger test). Rows with an empty identity are left out, with a note.
+
+A class is identity + flank: the paper's individuals are "flank IDs" (left and right
+flanks of one animal carry different patterns and cannot match each other). Rows without
+a flank are classed by identity alone; `--ignore-flank` classes every row by identity.
+
+The plot is drawn with OpenCV, already a dependency, rather than matplotlib: a ten-point
+line chart does not justify a plotting stack, and its pixels are exactly testable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+
+from leopard_jax import embeddings_io
+
+PLOT_SIZE = (480, 640)  # height, width
+_MARGIN = dict(left=80, right=30, top=50, bottom=60)
+LINE_BGR = (180, 90, 20)
+GRID_BGR = (225, 225, 225)
+INK_BGR = (40, 40, 40)
+
+
+def class_labels(data: embeddings_io.Embeddings, *, by_flank: bool = True) -> np.ndarray:
+    """identity/flank (or identity) per row; "" for unlabelled rows."""
+    identities = data.identities.astype(str)
+    if not by_flank:
+        return identities
+    with_flank = np.char.add(np.char.add(identities, "/"), data.flanks.astype(str))
+    return np.where((identities != "") & (data.flanks != ""), with_flank, identities)
+
+
+def evaluate(data: embeddings_io.Embeddings, *, k_max: int = 10, by_flank: bool = True) -> dict[str, Any]:
+    """metrics.retrieval_metrics over the labelled rows, plus how many rows were left out."""
+    from leopard_jax import metrics
+
+    labels = class_labels(data, by_flank=by_flank)
+    labelled = labels != ""
+    if labelled.sum() < 2:
+        raise ValueError(f"only {int(labelled.sum())} labelled images; evaluation needs at least 2 "
+                         "(identities come from the dataset's identity column)")
+    result = metrics.retrieval_metrics(data.embeddings[labelled], labels[labelled], k_max=k_max)
+    result["n_unlabelled_ignored"] = int((~labelled).sum())
+    result["classes"] = "identity/flank" if by_flank else "identity"
+    return result
+
+
+def json_safe(value):
+    """NaN/inf -> None, so metrics.json is strict JSON (browsers and jq reject NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+# --------------------------------------------------------------------------- the plot
+
+
+def y_range(curve: list[float]) -> tuple[float, float]:
+    """From the tenth below the curve's minimum up to 1: detail where the curve is."""
+    low = math.floor(10 * min(curve)) / 10 if curve else 0.0
+    return min(max(low, 0.0), 0.9), 1.0
+
+
+def curve_point(k: int, value: float, k_max: int, y_lo: float, size=PLOT_SIZE) -> tuple[int, int]:
+    """Pixel (x, y) of TkRMD(k) = value in the plot."""
+    height, width = size
+    x0, x1 = _MARGIN["left"], width - _MARGIN["right"]
+    y0, y1 = height - _MARGIN["bottom"], _MARGIN["top"]
+    x = x0 + (x1 - x0) * ((k - 1) / max(k_max - 1, 1))
+    y = y0 + (y1 - y0) * ((value - y_lo) / (1.0 - y_lo))
+    return int(round(x)), int(round(y))
+
+
+def render_tkrmd(curve: list[float], title: str = "", size=PLOT_SIZE) -> np.ndarray:
+    """BGR uint8 image of TkRMD against k (the paper's Figure 8)."""
+    import cv2
+
+    height, width = size
+    image = np.full((height, width, 3), 255, np.uint8)
+    k_max = len(curve)
+    y_lo, _ = y_range(curve)
+    font, small = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    left, right = _MARGIN["left"], width - _MARGIN["right"]
+    top, bottom = _MARGIN["top"], height - _MARGIN["bottom"]
+    step = 0.1 if 1 - y_lo > 0.3 else 0.05 if 1 - y_lo > 0.15 else 0.02
+    for tick in np.arange(y_lo, 1.0 + 1e-9, step):
+        _, y = curve_point(1, tick, k_max, y_lo, size)
+        cv2.line(image, (left, y), (right, y), GRID_BGR, 1)
+        cv2.putText(image, f"{tick:.2f}", (left - 45, y + 5), font, small, INK_BGR, 1, cv2.LINE_AA)
+    for k in range(1, k_max + 1):
+        x, _ = curve_point(k, y_lo, k_max, y_lo, size)
+        cv2.line(image, (x, bottom), (x, bottom + 5), INK_BGR, 1)
+        cv2.putText(image, str(k), (x - 5, bottom + 20), font, small, INK_BGR, 1, cv2.LINE_AA)
+    cv2.rectangle(image, (left, top), (right, bottom), INK_BGR, 1)
+    points = np.array([curve_point(k, v, k_max, y_lo, size) for k, v in enumerate(curve, start=1)], np.int32)
+    cv2.polylines(image, [points.reshape(-1, 1, 2)], False, LINE_BGR, 2, cv2.LINE_AA)
+    for x, y in points:
+        cv2.circle(image, (int(x), int(y)), 4, LINE_BGR, -1, cv2.LINE_AA)
+    cv2.putText(image, "k (ranks inspected)", ((left + right) // 2 - 75, height - 15), font, 0.5, INK_BGR, 1,
+                cv2.LINE_AA)
+    cv2.putText(image, "TkRMD", (10, top - 15), font, 0.5, INK_BGR, 1, cv2.LINE_AA)
+    cv2.putText(image, title, (left, 30), font, 0.55, INK_BGR, 1, cv2.LINE_AA)
+    return image
+
+
+def write_png(path: pathlib.Path, image: np.ndarray) -> None:
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    _write_atomic(path, encoded.tobytes())
+
+
+def _write_atomic(path: pathlib.Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def format_table(result: dict[str, Any]) -> str:
+    def num(v):
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+    lines = [f"queries with a class-mate: {result['n_queries']} of {result['n_samples']} images, "
+             f"{result['n_classes']} classes ({result['classes']})"]
+    for key in ("DT5AP", "T1RMD", "T5RMD", "CCDR", "angle_same_mean", "angle_diff_mean"):
+        if key in result:
+            lines.append(f"  {key:<16} {num(result[key])}")
+    lines.append("  k      " + " ".join(f"{k:>6d}" for k in range(1, len(result["TkRMD"]) + 1)))
+    lines.append("  TkRMD  " + " ".join(f"{v:6.3f}" for v in result["TkRMD"]))
+    return "\n".join(lines)
+
+
+def default_out(embeddings_path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(embeddings_path)
+    return path.with_name(f"{path.stem}_eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leopard_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--embeddings", required=True, help=".npz from leopard_jax.embed")
+    parser.add_argument("--out", help="output directory (default: <embeddings stem>_eval beside the file)")
+    parser.add_argument("--k-max", type=int, default=10, help="largest k of DTkAP/TkRMD (default 10)")
+    parser.add_argument("--ignore-flank", action="store_true", help="class rows by identity only")
+    args = parser.parse_args(argv)
+    try:
+        data = embeddings_io.read(args.embeddings)
+        result = evaluate(data, k_max=args.k_max, by_flank=not args.ignore_flank)
+    except (ValueError, embeddings_io.EmbeddingsFileError) as e:
+        print(f"error: {args.embeddings}: {e}" if not str(e).startswith(str(args.embeddings)) else f"error: {e}",
+              file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out) if args.out else default_out(args.embeddings)
+    out.mkdir(parents=True, exist_ok=True)
+    result["embeddings"] = str(pathlib.Path(args.embeddings).absolute())
+    _write_atomic(out / "metrics.json", json.dumps(json_safe(result), indent=2).encode())
+    title = f"TkRMD, {result['n_queries']} queries, {result['n_classes']} classes"
+    write_png(out / "tkrmd.png", render_tkrmd(result["TkRMD"], title))
+    if result["n_unlabelled_ignored"]:
+        print(f"note: {result['n_unlabelled_ignored']} images without identity ignored")
+    if len(result["TkRMD"]) < args.k_max:
+        print(f"note: only {len(result['TkRMD'])} other images per query, so k stops at {len(result['TkRMD'])}")
+    print(format_table(result))
+    print(f"wrote {out / 'metrics.json'} and {out / 'tkrmd.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
