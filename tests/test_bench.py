@@ -1,0 +1,121 @@
+"""scripts/bench.py at toy size: both sides really run, the same-computation check passes
+for the same function and refuses a different one, and the CLI fails clearly without CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+bench = importlib.import_module("bench")
+reference = importlib.import_module("bench_reference_torch")
+
+CFG = bench.Config(batch=2, height=64, width=128, steps=1, rounds=1, backbone="efficientnetv2_b0", dims=64,
+                   num_classes=8)
+
+
+@pytest.fixture(scope="module")
+def models():
+    bench.setup_devices(CFG)
+    return bench.build_models(CFG)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return bench.synthetic_batch(CFG)
+
+
+@pytest.fixture(scope="module")
+def jax_train(models, batch):
+    return bench.JaxTrain(models, CFG, *batch)
+
+
+def test_train_reports_ratio_when_same_computation(models, jax_train):
+    result = bench.train_part(CFG, models, jax_train)
+    assert result["same_computation"], result["refused_because"]
+    assert result["ratio"] > 0
+    losses = result["first_loss"]
+    assert losses["leopard_jax"] == pytest.approx(losses["reference"], rel=2e-3)
+    # An untrained CosFace loss on 8 classes sits well above log(8): a real forward ran.
+    assert losses["reference"] > np.log(8)
+    for side in ("leopard_jax", "reference"):
+        assert result[side]["images_per_s"] > 0 and result[side]["steps"] == 1
+    assert result["leopard_jax"]["compile_s"] > 0
+
+
+def test_train_refuses_a_different_loss(models, jax_train, batch):
+    """Reference with the constant CosFace margin: same shapes and dtype, different loss."""
+    ours, ours_first = jax_train.side()
+    theirs, ref_first = bench.torch_train_side(models, CFG, *batch, adaptive=False)
+    check = bench.first_step_disagreement(ours_first, ref_first, bench.TOLERANCE["float32"])
+    assert len(check) == 1 and "first-step loss differs" in check[0]
+    result = bench.compare("train", ours, theirs, check, CFG)
+    assert result["ratio"] is None and not result["same_computation"]
+    assert "REFUSED" in bench.table([result]) and "first-step loss differs" in bench.table([result])
+
+
+def test_embed_matches_reference(models):
+    result = bench.embed_part(CFG, models)
+    assert result["same_computation"], result["refused_because"]
+    assert result["first_embeddings_max_abs_diff"] < 2e-3
+
+
+def test_disagreement_names_shape_and_dtype():
+    ours = {"shape": (2, 64, 128, 4), "dtype": "float32", "loss": 3.0}
+    assert bench.first_step_disagreement(ours, dict(ours), bench.TOLERANCE["float32"]) == []
+    reasons = bench.first_step_disagreement(
+        ours, {"shape": (2, 4, 64, 128), "dtype": "bfloat16", "loss": 3.0}, bench.TOLERANCE["float32"])
+    assert [r.split()[0] for r in reasons] == ["shape", "dtype"]
+    assert bench.first_step_disagreement(ours, {**ours, "loss": float("nan")}, bench.TOLERANCE["float32"])
+
+
+def test_reference_loss_matches_plain_loop():
+    """The torch adaptive CosFace against a per-row loop of the paper's formula."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    emb, centers = rng.standard_normal((3, 5)), rng.standard_normal((4, 5))
+    labels = np.array([0, 3, -1])
+    got = float(reference.cosface_loss(torch.tensor(emb), torch.tensor(centers), torch.tensor(labels)))
+    rows = []
+    for e, y in zip(emb, labels):
+        if y < 0:
+            continue
+        cos = centers @ e / np.linalg.norm(centers, axis=1) / np.linalg.norm(e)
+        logits = 64.0 * cos
+        logits[y] = 64.0 * (cos[y] - 0.28 * ((1 - cos[y] ** 2) ** 4 + 0.1) / 1.1)
+        rows.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[y])
+    assert got == pytest.approx(np.mean(rows), rel=1e-5)
+
+
+def test_data_loaders_agree_in_process(tmp_path):
+    """Workers 0 (in-process) keeps this fast; the check compares the first batches exactly."""
+    cfg = dataclasses.replace(CFG, steps=2, height=32, width=64)
+    result = bench.data_part(cfg, workers=0)
+    assert result["same_computation"], result["refused_because"]
+    assert result["ratio"] > 0
+
+
+def test_gpu_without_cuda_fails_in_one_line():
+    import jax
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="--device gpu: .*(GPU|CUDA)"):
+        bench.setup_devices(dataclasses.replace(CFG, device="gpu"))
+
+
+def test_cli_rejects_bad_sizes():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["train", "--size", "8", "8"])
+    parts, cfg, out = bench.parse_args(["all", "--batch", "4", "--size", "128", "256", "--json", "x.json"])
+    assert parts == list(bench.PARTS) and (cfg.batch, cfg.height, cfg.width, out) == (4, 128, 256, "x.json")
