@@ -21,8 +21,8 @@ import numpy as np
 
 from leopard_jax import embeddings_io
 
-CSV_FIELDS = ("query_key", "query_path", "query_identity", "rank", "match_key", "match_path", "match_identity",
-              "similarity")
+CSV_FIELDS = ("query_key", "query_path", "query_identity", "query_flank", "rank", "match_key", "match_path",
+              "match_identity", "match_flank", "similarity")
 
 
 def top_k(queries: embeddings_io.Embeddings, gallery: embeddings_io.Embeddings, k: int, *,
@@ -61,8 +61,9 @@ def rows(queries: embeddings_io.Embeddings, gallery: embeddings_io.Embeddings, i
             if j < 0:
                 break
             yield {"query_key": queries.keys[i], "query_path": queries.paths[i], "query_identity": queries.identities[i],
-                   "rank": rank, "match_key": gallery.keys[j], "match_path": gallery.paths[j],
-                   "match_identity": gallery.identities[j], "similarity": f"{s:.6f}"}
+                   "query_flank": queries.flanks[i], "rank": rank, "match_key": gallery.keys[j],
+                   "match_path": gallery.paths[j], "match_identity": gallery.identities[j],
+                   "match_flank": gallery.flanks[j], "similarity": f"{s:.6f}"}
 
 
 def write_csv(path: str | os.PathLike, table: Iterator[dict[str, str]]) -> int:

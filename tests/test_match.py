@@ -18,6 +18,7 @@ def integer_set(n: int, seed: int, prefix: str = "r", crop_root: str = "/data") 
     keys = [f"{prefix}{i}" for i in range(n)]
     return embeddings_io.make(vectors, keys=keys, paths=[f"/photos/{k}.jpg" for k in keys],
                               identities=[f"id{i % 4}" for i in range(n)],
+                              flanks=[("left", "right", "")[i % 3] for i in range(n)],
                               crops=[f"{crop_root}/crops/{k}.jpg" for k in keys])
 
 
@@ -89,6 +90,7 @@ def test_command_writes_the_csv(tmp_path, capsys):
         j = want_idx[i, rank - 1]
         assert row["match_key"] == gallery.keys[j] and row["match_path"] == gallery.paths[j]
         assert row["query_identity"] == gallery.identities[i] and row["match_identity"] == gallery.identities[j]
+        assert row["query_flank"] == gallery.flanks[i] and row["match_flank"] == gallery.flanks[j]
         assert abs(float(row["similarity"]) - want_sim[i, rank - 1]) < 1e-5
     assert "9 queries" in capsys.readouterr().out
 
