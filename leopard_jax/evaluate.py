@@ -54,9 +54,45 @@ def evaluate(data: embeddings_io.Embeddings, *, k_max: int = 10, by_flank: bool 
         raise ValueError(f"only {int(labelled.sum())} labelled images; evaluation needs at least 2 "
                          "(identities come from the dataset's identity column)")
     result = metrics.retrieval_metrics(data.embeddings[labelled], labels[labelled], k_max=k_max)
+    result["k_ranked"] = len(result["TkRMD"])
+    result.update(extend_curves(result, k_max))
     result["n_unlabelled_ignored"] = int((~labelled).sum())
     result["classes"] = "identity/flank" if by_flank else "identity"
     return result
+
+
+def extend_curves(result: dict[str, Any], k_max: int) -> dict[str, Any]:
+    """Curves and DT{k}AP/T{k}RMD up to k_max even when a set has fewer than k_max + 1
+    images. Exact, not an estimate: with N images every query ranks all N - 1 others, so
+    for k >= N - 1 the top k holds them all (TkRMD(k) = TkRMD(N - 1)) and the dynamic
+    k_i = min(|C_i| - 1, k) no longer changes (DTkAP(k) = DTkAP(N - 1))."""
+    out = {}
+    for name in ("DTkAP", "TkRMD"):
+        curve = list(result[name])
+        out[name] = curve + curve[-1:] * (k_max - len(curve))
+    for k in (1, 5, 10):
+        if k <= k_max:
+            out[f"DT{k}AP"], out[f"T{k}RMD"] = out["DTkAP"][k - 1], out["TkRMD"][k - 1]
+    return out
+
+
+def restrict_to_split(data: embeddings_io.Embeddings, split: str, dataset_dir=None) -> embeddings_io.Embeddings:
+    """Rows whose identity the dataset's split.json puts in `split` (e.g. the held-out
+    "test" individuals). The dataset defaults to the one recorded in the file's meta."""
+    from leopard_jax.data import records
+
+    dataset_dir = dataset_dir or data.meta.get("dataset")
+    if not dataset_dir:
+        raise ValueError("the file records no dataset dir; pass --data DATASET_DIR with --split")
+    by_identity = records.load_split(dataset_dir)
+    if not by_identity:
+        raise ValueError(f"{dataset_dir}: no split.json; make one with `python -m leopard_jax.data.split` "
+                         "or drop --split")
+    names = sorted(set(by_identity.values()))
+    if split not in names:
+        raise ValueError(f"{dataset_dir}/split.json has no split {split!r}; it has {names}")
+    keep = np.array([by_identity.get(identity) == split for identity in data.identities.tolist()], bool)
+    return embeddings_io.select(data, keep)
 
 
 def json_safe(value):
@@ -166,9 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory (default: <embeddings stem>_eval beside the file)")
     parser.add_argument("--k-max", type=int, default=10, help="largest k of DTkAP/TkRMD (default 10)")
     parser.add_argument("--ignore-flank", action="store_true", help="class rows by identity only")
+    parser.add_argument("--split", help="evaluate only identities of this split of the dataset's split.json "
+                        "(e.g. test: the held-out individuals)")
+    parser.add_argument("--data", help="dataset dir holding split.json (default: the one recorded in the file)")
     args = parser.parse_args(argv)
     try:
         data = embeddings_io.read(args.embeddings)
+        if args.split:
+            data = restrict_to_split(data, args.split, args.data)
         result = evaluate(data, k_max=args.k_max, by_flank=not args.ignore_flank)
     except (ValueError, embeddings_io.EmbeddingsFileError) as e:
         print(f"error: {args.embeddings}: {e}" if not str(e).startswith(str(args.embeddings)) else f"error: {e}",
@@ -177,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out) if args.out else default_out(args.embeddings)
     out.mkdir(parents=True, exist_ok=True)
     result["embeddings"] = str(pathlib.Path(args.embeddings).absolute())
+    result["split"] = args.split or ""
     _write_atomic(out / "metrics.json", json.dumps(json_safe(result), indent=2).encode())
     title = f"TkRMD, {result['n_queries']} queries, {result['n_classes']} classes"
     write_png(out / "tkrmd.png", render_tkrmd(result["TkRMD"], title))
     if result["n_unlabelled_ignored"]:
         print(f"note: {result['n_unlabelled_ignored']} images without identity ignored")
-    if len(result["TkRMD"]) < args.k_max:
-        print(f"note: only {len(result['TkRMD'])} other images per query, so k stops at {len(result['TkRMD'])}")
+    if result["k_ranked"] < args.k_max:
+        print(f"note: only {result['k_ranked']} other images per query: values for larger k equal "
+              f"those at k = {result['k_ranked']}")
     print(format_table(result))
     print(f"wrote {out / 'metrics.json'} and {out / 'tkrmd.png'}")
     return 0

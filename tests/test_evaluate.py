@@ -25,7 +25,8 @@ LAYOUT = [("a1", "A", 0), ("a2", "A", 10), ("a3", "A", 100), ("b1", "B", 25), ("
 #   c1: singleton, not a query
 HAND = {
     "DT5AP": (0.75 + 0.75) / 5,
-    "TkRMD": [2 / 5, 3 / 5, 4 / 5, 5 / 5, 5 / 5],  # k = 1..5 (6 labelled images: k stops at 5)
+    # k = 1..10; 6 labelled images rank 5 others, so k > 5 repeats k = 5 (all others seen)
+    "TkRMD": [2 / 5, 3 / 5, 4 / 5, 5 / 5, 5 / 5] + [1.0] * 5,
     "n_queries": 5,
     # same-class pairs 10, 100, 90 (A) and 85 (B); 11 cross-class pairs summing to 1025
     "angle_same_mean": (10 + 100 + 90 + 85) / 4,
@@ -58,6 +59,7 @@ def test_metrics_equal_the_hand_computed_ones():
     assert result["T1RMD"] == pytest.approx(0.4) and result["T5RMD"] == pytest.approx(1.0)
     assert result["TkRMD"] == pytest.approx(HAND["TkRMD"])
     assert result["n_queries"] == 5 and result["n_unlabelled_ignored"] == 1 and result["n_classes"] == 3
+    assert result["k_ranked"] == 5 and result["DTkAP"][5:] == [result["DTkAP"][4]] * 5
     assert result["CCDR"] == pytest.approx(hand_ccdr(), rel=1e-4)
     assert result["angle_same_mean"] == pytest.approx(HAND["angle_same_mean"], abs=1e-3)
     assert result["angle_diff_mean"] == pytest.approx(HAND["angle_diff_mean"], abs=1e-3)
@@ -94,7 +96,7 @@ def test_command_writes_metrics_and_plot(tmp_path, capsys):
     embeddings_io.write(path, layout_embeddings())
     assert evaluate.main(["--embeddings", str(path), "--out", str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
-    assert "1 images without identity ignored" in printed and "k stops at 5" in printed and "DT5AP" in printed
+    assert "1 images without identity ignored" in printed and "equal those at k = 5" in printed and "DT5AP" in printed
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for key in ("DT5AP", "T1RMD", "T5RMD", "TkRMD", "CCDR", "n_queries", "angle_same_mean", "angle_diff_mean"):
         assert key in saved
@@ -118,3 +120,27 @@ def test_undefined_values_are_json_null_and_unlabelled_sets_are_refused(tmp_path
     assert evaluate.main(["--embeddings", str(tmp_path / "u.npz")]) == 2
     err = capsys.readouterr().err
     assert "u.npz" in err and "0 labelled images" in err and err.count("\n") == 1
+
+
+def test_split_restricts_to_held_out_identities(tmp_path, capsys):
+    from leopard_jax.data import records
+
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    records.save_split(dataset, {"train": ["B", "C"], "test": ["A"]})
+    data = layout_embeddings()
+    data = embeddings_io.make(data.embeddings, meta={"dataset": str(dataset)},
+                              **{f: getattr(data, f) for f in embeddings_io.STRING_FIELDS})
+    path = tmp_path / "e.npz"
+    embeddings_io.write(path, data)
+    assert evaluate.main(["--embeddings", str(path), "--split", "test", "--out", str(tmp_path / "t")]) == 0
+    saved = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    # only a1, a2, a3 remain: a1 -> a2 (10) then a3; a2 -> a1 then a3; a3 -> a2 (90) then a1
+    assert saved["n_samples"] == 3 and saved["n_queries"] == 3 and saved["split"] == "test"
+    assert saved["DT5AP"] == pytest.approx(1.0) and saved["TkRMD"] == pytest.approx([1.0] * 10)
+    assert saved["k_ranked"] == 2
+    capsys.readouterr()
+    assert evaluate.main(["--embeddings", str(path), "--split", "val"]) == 2
+    assert "no split 'val'" in capsys.readouterr().err
+    assert evaluate.main(["--embeddings", str(path), "--split", "test", "--data", str(tmp_path)]) == 2
+    assert "no split.json" in capsys.readouterr().err
