@@ -8,6 +8,10 @@ TEST_STAMP := $(VENV)/.test-installed
 # the machine's local wheels (see WORKSPACE.md) instead of a multi-GB registry download.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
+# rembg's pymatting compiles itself with numba on first import (minutes); the tests pay it
+# once here rather than inside a timed test. (The demo never imports rembg.)
+WARM_UP := $(BIN)/python -c "import rembg"
+
 .PHONY: demo test bench browser clean
 
 $(BIN)/python:
@@ -21,6 +25,7 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS)
 	$(BIN)/pip install --quiet -e ".[test,parity]"
+	$(WARM_UP)
 	touch $@ $(RUNTIME_STAMP)
 
 demo: $(RUNTIME_STAMP)

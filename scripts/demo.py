@@ -64,20 +64,14 @@ def main() -> None:
     run(PY, "-m", "leopard_jax.embed", "--checkpoint", WORKDIR, "--data", DATASET, "--out", EMBEDDINGS)
 
     # Evaluate on the held-out individuals only: the training individuals are no test.
-    import numpy as np
+    run(PY, "-m", "leopard_jax.evaluate", "--embeddings", EMBEDDINGS, "--split", "test", "--data", DATASET,
+        "--out", EVAL)
 
     from leopard_jax.data import records
 
     split = json.loads((DATASET / "split.json").read_text())
     test_rows = held_out(records.read_manifest(DATASET), split)
     test_ids = set(split["test"])
-    with np.load(EMBEDDINGS) as npz:
-        data = {k: npz[k] for k in npz.files}
-    keep = np.array([identity in test_ids for identity in data["identities"]])
-    held_out_npz = OUT / "embeddings_held_out.npz"
-    np.savez(held_out_npz, **{k: (v[keep] if v.ndim and len(v) == len(keep) else v) for k, v in data.items()})
-    run(PY, "-m", "leopard_jax.evaluate", "--embeddings", held_out_npz, "--out", EVAL)
-
     trained = json.loads((EVAL / "metrics.json").read_text())
     first = json.loads((WORKDIR / "metrics.jsonl").read_text().splitlines()[0])
     raw = raw_pixel_baseline(DATASET, test_rows)
