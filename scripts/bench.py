@@ -11,7 +11,13 @@ Why the bench refuses: a ratio between two programs that compute different thing
 meaningless. Train and embed start from the same weights (random torch weights converted to
 Flax), the same batch and the same class centres; the first step's shapes, dtype and loss
 (train) or embeddings (embed) must agree within tolerance, else the ratio is withheld and
-the reason printed. What each reference is, is written in its row (`reference` field).
+the reason printed. What each reference is, is written in its row (`reference` field):
+  train, embed  scripts/bench_reference_torch.py: the spotID recipe in PyTorch, channels_last,
+                eager, torch threads = the cores JAX sees (bf16: autocast on fp32 weights)
+  data          a torch DataLoader over the same records and epoch table, same per-image code
+  preprocess    the same step the spotID way: plain cv2 per image, rembg.remove
+`--device gpu` runs both frameworks on the first GPU (TF32 for float32, as each does by
+default on Ampere+); it stops with one line when JAX or torch sees no GPU.
 """
 
 from __future__ import annotations
@@ -757,7 +763,7 @@ def preprocess_part(cfg: Config) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>9}{'compile s':>11}{'peak RSS MiB':>14}"
+    head = f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>9}{'compile s':>11}{'proc RSS MiB':>14}"
     lines = [head, "-" * len(head)]
     for r in results:
         if "skipped" in r:
