@@ -840,7 +840,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Config, str | 
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps", type=int, default=None, help="timed steps per side (default per part: %s)" % DEFAULT_STEPS)
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two sides")
-    p.add_argument("--backbone", default="efficientnetv2_b2")
+    p.add_argument("--backbone", default="efficientnetv2_b2",
+                   choices=[f"efficientnetv2_b{i}" for i in range(4)] + ["resnet18"])
     p.add_argument("--classes", type=int, default=NUM_CLASSES, help="CosFace classes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores JAX sees)")
     a = p.parse_args(argv)
