@@ -810,21 +810,20 @@ def run(parts: list[str], cfg: Config, on_part: Callable[[dict], None] = lambda 
         start = time.perf_counter()
         if part in ("train", "embed"):
             models = models or build_models(cfg)
-            result = train_part(cfg, models) if part == "train" else embed_part(cfg, models)
+            found = train_part(cfg, models) if part == "train" else embed_part(cfg, models)
         else:
             try:
                 found = data_part(cfg) if part == "data" else preprocess_part(cfg)
             except ModuleNotFoundError as e:  # e.g. a GPU image without grain or rembg
                 found = {"part": part, "skipped": f"{e}; pip install the project to bench it"}
-            if part == "preprocess" and isinstance(found, list):
-                results.extend(found)
-                continue
-            result = found
-        result["wall_s"] = round(time.perf_counter() - start, 1)
-        if cfg.device == "gpu" and part in ("train", "embed"):
-            result["gpu_peak_mib"] = gpu_peak_mib()
-        results.append(result)
-        print(f"[bench] {part} done in {result['wall_s']} s", file=sys.stderr, flush=True)
+        found = found if isinstance(found, list) else [found]  # preprocess: one per stage
+        wall_s = round(time.perf_counter() - start, 1)
+        for result in found:
+            result["wall_s"] = wall_s
+            if cfg.device == "gpu" and part in ("train", "embed"):
+                result["gpu_peak_mib"] = gpu_peak_mib()
+        results.extend(found)
+        print(f"[bench] {part} done in {wall_s} s", file=sys.stderr, flush=True)
         report["process_peak_rss_mib"] = round(process_peak_rss_mib(), 1)
         on_part(report)  # written as it goes: a later part that fails loses nothing
     return report

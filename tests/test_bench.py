@@ -121,3 +121,15 @@ def test_cli_rejects_bad_sizes():
         bench.parse_args(["train", "--size", "8", "8"])
     parts, cfg, out = bench.parse_args(["all", "--batch", "4", "--size", "128", "256", "--json", "x.json"])
     assert parts == list(bench.PARTS) and (cfg.batch, cfg.height, cfg.width, out) == (4, 128, 256, "x.json")
+
+
+def test_run_writes_every_stage_as_it_goes(monkeypatch):
+    """A part with several results (preprocess) lands in the report handed to the writer."""
+    stages = [{"part": "preprocess/a", "skipped": "x"}, {"part": "preprocess/b", "skipped": "y"}]
+    monkeypatch.setattr(bench, "setup_devices", lambda cfg: {})
+    monkeypatch.setattr(bench, "preprocess_part", lambda cfg: [dict(s) for s in stages])
+    written = []
+    report = bench.run(["preprocess"], CFG, on_part=lambda r: written.append([x["part"] for x in r["results"]]))
+    assert written == [["preprocess/a", "preprocess/b"]]
+    assert all("wall_s" in r for r in report["results"])
+    assert "skipped: x" in bench.table(report["results"])
