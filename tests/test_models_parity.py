@@ -30,17 +30,22 @@ CASES = [  # (ours, timm, [(in_chans, (H, W)), ...]); B2 skips two combinations 
 STEM = {"efficientnetv2_b0": "conv_stem.weight", "efficientnetv2_b2": "conv_stem.weight", "resnet18": "conv1.weight"}
 
 
-def randomize_batch_norm(model, seed: int = 1):
-    """Non-trivial BN affine parameters and running statistics, then eval mode."""
+def randomize_batch_norm(model, in_chans: int = 3, seed: int = 1):
+    """Random BN scale/bias, then running statistics measured on a random batch (one
+    train-mode pass, momentum 1), then eval mode. timm's init leaves BN at 1/0/0/1, which
+    would hide a swapped mean/var or a wrong epsilon; purely random statistics instead let
+    activations grow ~1e4 through B2's 28 blocks, where float32 itself (torch vs float64)
+    is off by 1e-2. Measured statistics keep every layer near unit scale, like a trained net."""
     g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                n = mod.num_features
-                mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        for mod in norms:
+            mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+            mod.momentum = 1.0
+        model.train()(torch.randn(2, in_chans, 224, 224, generator=g))
+        for mod in norms:
+            mod.momentum = 0.1
     return model.eval()
 
 

@@ -242,18 +242,21 @@ def load_spotid(path: str | pathlib.Path, backbone: str) -> tuple[dict, dict]:
     return convert_spotid(read_state_dict(path), backbone, where=str(path))
 
 
-def with_fresh_head(backbone_vars: dict, backbone: str, head: str, dims: int, in_chans: int, seed: int) -> dict:
+def with_fresh_head(backbone_vars: dict, backbone: str, head: str, dims: int, seed: int) -> dict:
     """EmbeddingModel variables: the imported backbone plus a seeded, freshly initialised
-    projection (the only part a timm ImageNet checkpoint cannot supply)."""
+    projection (the only part a timm ImageNet checkpoint cannot supply). Initialised on
+    its own: tracing the whole model for one Dense layer costs seconds."""
     import jax
     import jax.numpy as jnp
+    from flax import linen as nn
 
-    from leopard_jax.models.embedding import EmbeddingModel
+    from leopard_jax.models import build_backbone
+    from leopard_jax.models.embedding import SPOTID_CLASSES
 
-    model = EmbeddingModel(backbone, head=head, dims=dims)
-    init = jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, in_chans))))()
+    width = SPOTID_CLASSES if head == "spotid" else build_backbone(backbone, num_classes=0).num_features
+    projection = nn.Dense(dims, param_dtype=jnp.float32).init(jax.random.PRNGKey(seed), jnp.zeros((1, width)))
     return {
-        "params": {"backbone": backbone_vars["params"], "embedding": jax.device_get(init["params"]["embedding"])},
+        "params": {"backbone": backbone_vars["params"], "embedding": jax.device_get(projection["params"])},
         "batch_stats": {"backbone": backbone_vars["batch_stats"]},
     }
 
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.timm:
             classes = 1000 if args.head == "spotid" else 0
             backbone_vars = load_timm_backbone(args.timm, backbone, args.in_chans, num_classes=classes)
-            variables = with_fresh_head(backbone_vars, backbone, args.head, args.dims, args.in_chans, args.seed)
+            variables = with_fresh_head(backbone_vars, backbone, args.head, args.dims, args.seed)
             kwargs = {"head": args.head, "dims": args.dims, "in_chans": args.in_chans}
             info = {"source": "timm", "checkpoint": str(pathlib.Path(args.timm).absolute()),
                     "note": f"backbone imported; embedding projection freshly initialised (seed {args.seed})"}

@@ -55,14 +55,15 @@ class Conv(nn.Module):
             (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
             jnp.float32,
         )
-        pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.strides, self.strides),
-            padding=pad,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.kernel_size == 1 and self.strides == 1:
+            # A matrix product: XLA CPU runs its gradients as fast matmuls, while a 1x1
+            # convolution's kernel gradient takes a slow generic path there.
+            y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        else:
+            pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.strides, self.strides), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
