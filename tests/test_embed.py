@@ -166,10 +166,6 @@ def spotid_torch_model():
 
 @needs_minimum
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "models: spotID's 4-channel stem is nn.Conv2d(padding=0) (it copies Conv2dSame's padding "
-    "attribute), our EfficientNetV2 stem pads TF-SAME; convert/EmbeddingModel need a stem-padding "
-    "option set for spotID imports. With a Conv2dSame stem the same path gives cosine 1.0000."))
 def test_spotid_checkpoint_through_embed_matches_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("timm")

@@ -1,6 +1,6 @@
 """Weight import: file formats, checkpoint wrappers/prefixes, the CLI, bad input, and a
-spotID-shaped EmbeddingNetwork (timm backbone, 4-channel stem, Linear 1000->1024,
-L2-normalise) against its own PyTorch forward."""
+spotID-shaped EmbeddingNetwork (timm backbone, stem swapped for spotID's unpadded 4-channel
+nn.Conv2d, Linear 1000->1024, L2-normalise) against its own PyTorch forward."""
 
 from __future__ import annotations
 
@@ -21,11 +21,16 @@ BACKBONE = "efficientnetv2_b0"
 
 
 class SpotIDNetwork(torch.nn.Module):
-    """The shape of spotID's EmbeddingNetwork: timm classifier logits -> Linear -> normalise."""
+    """spotID's EmbeddingNetwork: timm classifier logits -> Linear -> normalise. With other
+    than 3 channels the stem is replaced as spotID's CustomEfficientNet does: a plain Conv2d
+    with padding 0 (what Conv2dSame stores; it pads in forward)."""
 
-    def __init__(self):
+    def __init__(self, in_chans: int = 4):
         super().__init__()
-        self.backbone = timm.create_model("tf_efficientnetv2_b0", pretrained=False, in_chans=4)
+        self.backbone = timm.create_model("tf_efficientnetv2_b0", pretrained=False)
+        if in_chans != 3:
+            old = self.backbone.conv_stem
+            self.backbone.conv_stem = torch.nn.Conv2d(in_chans, old.out_channels, 3, 2, padding=0, bias=False)
         self.embedding_layer = torch.nn.Linear(1000, 1024)
 
     def forward(self, x):
@@ -56,9 +61,11 @@ def test_spotid_checkpoint_embeds_like_pytorch(spotid, tmp_path):
     torch.save({"model_state_dict": spotid.state_dict(), "epoch": 3}, path)
     assert convert.main(["--spotid", str(path), "--backbone", "tf_efficientnetv2_b0", "--out", str(tmp_path / "m")]) == 0
     description, variables = model_io.load_model(tmp_path / "m")
-    assert description["model"] == {"backbone": BACKBONE, "head": "spotid", "dims": 1024, "in_chans": 4}
+    assert description["model"] == {"backbone": BACKBONE, "head": "spotid", "dims": 1024, "in_chans": 4,
+                                    "stem_padding": 0}
     model = EmbeddingModel(**description["model"])
-    x = np.random.default_rng(0).standard_normal((2, 4, 128, 256), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 4, 64, 128), dtype=np.float32)
+    assert spotid.backbone.conv_stem(torch.from_numpy(x)).shape[2:] == (31, 63)  # unpadded, not 32 x 64
     with torch.no_grad():
         ref = spotid(torch.from_numpy(x)).numpy()
     out = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1)))
@@ -74,7 +81,14 @@ def test_spotid_key_prefixes(spotid, prefix):
              for k, v in spotid.state_dict().items()}
     variables, kwargs = convert.convert_spotid(convert.normalize_state_dict(state), BACKBONE)
     np.testing.assert_array_equal(variables["params"]["embedding"]["kernel"], state["embedding_layer.weight"].T)
-    assert kwargs["in_chans"] == 4
+    assert kwargs["in_chans"] == 4 and kwargs["stem_padding"] == 0
+
+
+def test_three_channel_spotid_keeps_timm_stem():
+    torch.manual_seed(2)
+    state = convert.normalize_state_dict(SpotIDNetwork(in_chans=3).state_dict())
+    _, kwargs = convert.convert_spotid(state, BACKBONE)
+    assert kwargs["in_chans"] == 3 and kwargs["stem_padding"] == "tf_same"
 
 
 def test_safetensors_and_pth_agree(timm_state, tmp_path):

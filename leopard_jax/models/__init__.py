@@ -34,7 +34,7 @@ def build_backbone(name: str, /, *, num_classes: int = 1000, drop_path_rate: flo
                    dtype: Any = jnp.float32, **kwargs) -> nn.Module:
     """A linen backbone: `__call__(x [B,H,W,C], train)` -> logits, or pooled features when
     `num_classes=0`; `.num_features` is the pooled width. Extra kwargs go to the module
-    (the flax `name`, `depthwise_impl` for EfficientNetV2)."""
+    (the flax `name`; `depthwise_impl`, `stem_padding` for EfficientNetV2)."""
     return BACKBONES[canonical_name(name)](num_classes=num_classes, drop_path_rate=drop_path_rate,
                                            dtype=dtype, **kwargs)
 

@@ -10,6 +10,12 @@ The stem is widened from the checkpoint's 3 input channels to `in_chans`: the RG
 are kept and every extra channel starts as a copy of the first (red) channel's filters,
 as spotID does for its edge channel.
 
+A spotID checkpoint with other than 3 input channels imports with an unpadded stem
+(`stem_padding=0`, stored in model.json): spotID's code swaps timm's `Conv2dSame` stem for a
+plain `nn.Conv2d` that copies the old stem's `padding` attribute, which is (0, 0) because
+`Conv2dSame` pads inside `forward` (64x128 -> 31x63, not 32x64). A state dict does not
+record padding, so this follows spotID's code; a 3-channel spotID model keeps timm's stem.
+
     python -m leopard_jax.models.convert --timm tf_efficientnetv2_b2.safetensors \
         --backbone efficientnetv2_b2 --in-chans 4 --out models/b2_imagenet
     python -m leopard_jax.models.convert --spotid spotid.pth --backbone efficientnetv2_b2 --out models/spotid
@@ -218,7 +224,9 @@ def load_timm_backbone(path: str | pathlib.Path, backbone: str, in_chans: int = 
 def convert_spotid(state: Mapping[str, np.ndarray], backbone: str, where: str = "checkpoint") -> tuple[dict, dict]:
     """spotID EmbeddingNetwork state dict -> (variables, EmbeddingModel kwargs) for
     `EmbeddingModel(head="spotid")`: timm backbone with its classifier, then
-    `embedding_layer` Linear(1000 -> dims)."""
+    `embedding_layer` Linear(1000 -> dims). The kwargs set `stem_padding` 0 when the stem
+    has other than 3 input channels: spotID replaced that stem by an unpadded nn.Conv2d
+    (the checkpoint cannot say so; see the module docstring)."""
     emb_keys = [k for k in state if k.endswith(f"{SPOTID_EMBEDDING}.weight")]
     if len(emb_keys) != 1:
         raise ConvertError(f"{where}: expected one '{SPOTID_EMBEDDING}.weight' (spotID EmbeddingNetwork), "
@@ -234,7 +242,16 @@ def convert_spotid(state: Mapping[str, np.ndarray], backbone: str, where: str = 
         "params": {"backbone": backbone_vars["params"], "embedding": {"kernel": emb_w.T, "bias": emb_b}},
         "batch_stats": {"backbone": backbone_vars["batch_stats"]},
     }
-    return variables, {"head": "spotid", "dims": int(emb_w.shape[0]), "in_chans": int(in_chans)}
+    kwargs = {"head": "spotid", "dims": int(emb_w.shape[0]), "in_chans": int(in_chans)}
+    if _is_efficientnet(backbone):  # spotID's CustomEfficientNet is where the stem was swapped
+        kwargs["stem_padding"] = "tf_same" if in_chans == 3 else 0
+    return variables, kwargs
+
+
+def _is_efficientnet(backbone: str) -> bool:
+    from leopard_jax.models import canonical_name
+
+    return canonical_name(backbone).startswith("efficientnetv2")
 
 
 def load_spotid(path: str | pathlib.Path, backbone: str) -> tuple[dict, dict]:
@@ -304,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     description = {"model": {"backbone": backbone, **kwargs},
                    "input": {"height": args.height, "width": args.width}, "info": info}
     model_io.save_model(args.out, variables, description)
-    print(f"wrote {args.out} ({backbone}, head {kwargs['head']}, {kwargs['in_chans']} input channels)")
+    stem = f", stem padding {kwargs['stem_padding']}" if "stem_padding" in kwargs else ""
+    print(f"wrote {args.out} ({backbone}, head {kwargs['head']}, {kwargs['in_chans']} input channels{stem})")
     return 0
 
 

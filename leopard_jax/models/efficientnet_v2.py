@@ -155,13 +155,16 @@ class EfficientNetV2(nn.Module):
     """Stem, the six stages, 1x1 head conv, global average pool, optional classifier.
 
     `num_classes=0` returns the pooled features ([B, num_features]). Stochastic depth
-    grows linearly with block index up to `drop_path_rate`, as timm does.
+    grows linearly with block index up to `drop_path_rate`, as timm does. `stem_padding`
+    is timm's TF-"same" by default; 0 (no padding) reproduces spotID's multi-channel
+    models, whose stem is a plain `nn.Conv2d` that copied `Conv2dSame`'s stored (0, 0).
     """
 
     variant: str = "b2"
     num_classes: int = 1000
     drop_path_rate: float = 0.0
     depthwise_impl: str | None = None
+    stem_padding: str | int = "tf_same"  # or a symmetric integer pad
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # pmap axis for global-batch statistics
 
@@ -171,9 +174,11 @@ class EfficientNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        if self.stem_padding != "tf_same" and not isinstance(self.stem_padding, int):
+            raise ValueError(f"stem_padding {self.stem_padding!r}: use 'tf_same' or an integer (0 = none)")
         plan = block_plan(self.variant)
         x = x.astype(self.dtype)
-        x = Conv(plan[0]["in_ch"], 3, 2, dtype=self.dtype, name="conv_stem")(x)
+        x = Conv(plan[0]["in_ch"], 3, 2, padding=self.stem_padding, dtype=self.dtype, name="conv_stem")(x)
         x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(x))
         for idx, b in enumerate(plan):
             common = dict(out_ch=b["out_ch"], kernel=b["kernel"], stride=b["stride"], residual=b["residual"],

@@ -39,6 +39,8 @@ class EmbeddingModel(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     in_chans: int | None = None  # recorded in model.json for readers; the input decides
+    # None: the backbone's own stem; 0 for spotID's multi-channel imports (see convert.py)
+    stem_padding: str | int | None = None
     bn_axis_name: str | None = None  # pmap axis: batch statistics over the global batch
 
     @nn.compact
@@ -46,7 +48,8 @@ class EmbeddingModel(nn.Module):
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
         classes = SPOTID_CLASSES if self.head == "spotid" else 0
+        stem = {} if self.stem_padding is None else {"stem_padding": self.stem_padding}
         backbone = build_backbone(self.backbone, num_classes=classes, drop_path_rate=self.drop_path_rate,
-                                  dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="backbone")
+                                  dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="backbone", **stem)
         projection = nn.Dense(self.dims, dtype=self.dtype, param_dtype=jnp.float32, name="embedding")
         return l2_normalize(projection(backbone(x, train)))
