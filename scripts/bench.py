@@ -754,7 +754,7 @@ def preprocess_part(cfg: Config) -> list[dict]:
         results.append(stage_result(
             "detect", cfg, model_steps, detector, None, photos,
             what_ours=f"leopard_jax.preprocess.detect.Detector (YOLOX-Nano ONNX, {threads} threads)",
-            what_ref="spotID's released code starts from hand-made crops; nothing to race",
+            what_ref="no same-model reference here (spotID's example data come pre-cropped); leopard_jax alone",
             agree=None, note=source))
     else:
         results.append({"part": "preprocess/detect", "skipped": f"{yolox} not found"})
