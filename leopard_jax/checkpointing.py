@@ -27,17 +27,17 @@ class RunCheckpoints:
         root = pathlib.Path(workdir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
         self._managers = {
-                name: ocp.CheckpointManager(root / name, options=options, item_names=("state", "progress"))
-                for name in (LATEST, BEST)
+            name: ocp.CheckpointManager(root / name, options=options, item_names=("state", "progress"))
+            for name in (LATEST, BEST)
         }
 
     def save(self, which: str, step: int, state: Any, progress: dict[str, Any]) -> None:
         manager = self._managers[which]
         host_state = jax.tree.map(np.asarray, state)
         manager.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(host_state), progress=ocp.args.JsonSave(progress)),
-                force=True,
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(host_state), progress=ocp.args.JsonSave(progress)),
+            force=True,
         )
         manager.wait_until_finished()
 
@@ -50,7 +50,7 @@ class RunCheckpoints:
         step = manager.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.tree.map(np.asarray, template_state))
         restored = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore())
         )
         return restored["state"], dict(restored["progress"])
 

@@ -46,7 +46,7 @@ def split_rows(rows, config, workdir: pathlib.Path):
             by_split = json.loads(path.read_text())
         else:
             by_split = split_lib.split_identities(
-                    sorted({r["identity"] for r in labelled}), test_fraction=config.split.test_fraction, seed=config.split.seed)
+                sorted({r["identity"] for r in labelled}), test_fraction=config.split.test_fraction, seed=config.split.seed)
             path.write_text(json.dumps({k: sorted(v) for k, v in by_split.items()}, indent=2))
         test_ids = set(by_split["test"])
         train = [r for r in labelled if r["identity"] not in test_ids]
@@ -71,16 +71,23 @@ def label_array(rows):
     return np.array([index[r["identity"]] for r in rows], np.int32), identities
 
 
-def load_init_variables(config):
-    """Imported weights (numpy pytrees) for the configured start, or None for random."""
+def load_init(config) -> tuple[dict | None, dict]:
+    """(imported variables or None for random, the model settings the import dictates)."""
     from leopard_jax.models import convert
+    from leopard_jax.models.embedding import SPOTID_CLASSES
 
     if config.init.kind == "timm":
-        return {k: {"backbone": v} for k, v in convert.load_timm_backbone(
-                config.init.path, config.model.backbone, in_chans=4).items()}
+        classes = SPOTID_CLASSES if config.model.head == "spotid" else 0
+        backbone = convert.load_timm_backbone(config.init.path, config.model.backbone, in_chans=4, num_classes=classes)
+        return {k: {"backbone": v} for k, v in backbone.items()}, {}
     if config.init.kind == "spotid":
-        return convert.load_spotid(config.init.path, config.model.backbone)
-    return None
+        variables, kwargs = convert.load_spotid(config.init.path, config.model.backbone)
+        for key in ("head", "dims"):
+            if kwargs[key] != config.model[key]:
+                raise TrainingError(f"config.model.{key}={config.model[key]!r}, but {config.init.path} has "
+                                    f"{kwargs[key]!r}; set --config.model.{key}={kwargs[key]}")
+        return variables, {k: kwargs[k] for k in ("stem_padding",) if k in kwargs}
+    return None, {}
 
 
 def encode_state(state) -> Any:
@@ -148,12 +155,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     n_global = jax.device_count()
     if config.batch_size % n_global:
         raise TrainingError(
-                f"config.batch_size={config.batch_size} does not divide over {n_global} devices; use a multiple of {n_global}")
+            f"config.batch_size={config.batch_size} does not divide over {n_global} devices; use a multiple of {n_global}")
     per_device = config.batch_size // n_global
     if per_device % config.images_per_identity:
         raise TrainingError(
-                f"config.batch_size={config.batch_size} gives {per_device} images per device, not a multiple of "
-                f"images_per_identity={config.images_per_identity}; use a batch of {n_global * config.images_per_identity}·k")
+            f"config.batch_size={config.batch_size} gives {per_device} images per device, not a multiple of "
+            f"images_per_identity={config.images_per_identity}; use a batch of {n_global * config.images_per_identity}·k")
 
     settings = records.load_settings(config.data_dir)
     height, width, channels = records.record_shape(settings)
@@ -171,10 +178,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     steps_per_epoch = len(pipeline.train_table(
         train_rows, labels=train_labels, global_batch=config.batch_size, seed=config.seed, epoch=0,
         num_devices=n_global, images_per_identity=config.images_per_identity, keep_singletons=config.keep_singletons))
-    model = ts.build_model(config.model)
+    init_variables, fixed_model_kwargs = load_init(config)
+    model = ts.build_model(config.model, **fixed_model_kwargs)
     tx = ts.make_optimizer(config, steps_per_epoch)
     state = ts.init_state(config, model, num_classes=len(class_names), input_shape=(height, width, channels), tx=tx,
-                                                init_variables=load_init_variables(config))
+                          init_variables=init_variables)
 
     ckpts = checkpointing.RunCheckpoints(workdir)
     progress = {"epoch": 0, "step_in_epoch": 0, "data_state": None, "best_dt5ap": -1.0, "skipped_steps": 0}
@@ -195,9 +203,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     rstate = jax_utils.replicate(state)
     reporter = Reporter(workdir, is_main)
     description = {
-            "model": ts.model_kwargs(config.model),
-            "input": {"height": height, "width": width, "channels": channels},
-            "info": {"config": config.to_dict(), "classes": len(class_names), "dataset": str(config.data_dir)},
+        "model": ts.model_kwargs(config.model, **fixed_model_kwargs),
+        "input": {"height": height, "width": width, "channels": channels},
+        "info": {"config": config.to_dict(), "classes": len(class_names), "dataset": str(config.data_dir)},
     }
 
     def unreplicated():
@@ -249,8 +257,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     progress["skipped_steps"] += 1
                     if bad_in_a_row >= config.max_bad_steps:
                         raise TrainingError(
-                                f"{bad_in_a_row} steps in a row had a non-finite loss (epoch {epoch + 1}); the last good checkpoint "
-                                f"is in {workdir}/checkpoints/latest. Lower config.optim.learning_rate or set config.optim.grad_clip_norm")
+                            f"{bad_in_a_row} steps in a row had a non-finite loss (epoch {epoch + 1}); the last good checkpoint "
+                            f"is in {workdir}/checkpoints/latest. Lower config.optim.learning_rate or set config.optim.grad_clip_norm")
                 else:
                     bad_in_a_row = 0
                     losses_seen.append(float(logs["loss"]))
@@ -265,13 +273,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             rstate = p_sync(rstate)
             progress.update(epoch=epoch + 1, step_in_epoch=0, data_state=None)
             record = {
-                    "epoch": epoch + 1,
-                    "step": int(jax.device_get(rstate.step[0])),
-                    "train_loss": float(np.mean(losses_seen)) if losses_seen else float("nan"),
-                    "train_batch_DT5AP": float(np.mean(dt5aps)) if dt5aps else float("nan"),
-                    "learning_rate": float(ts.lr_schedule(config, steps_per_epoch)(int(jax.device_get(rstate.step[0])))),
-                    "images_per_s": images_seen * jax.process_count() / max(elapsed, 1e-9),
-                    "skipped_steps": progress["skipped_steps"],
+                "epoch": epoch + 1,
+                "step": int(jax.device_get(rstate.step[0])),
+                "train_loss": float(np.mean(losses_seen)) if losses_seen else float("nan"),
+                "train_batch_DT5AP": float(np.mean(dt5aps)) if dt5aps else float("nan"),
+                "learning_rate": float(ts.lr_schedule(config, steps_per_epoch)(int(jax.device_get(rstate.step[0])))),
+                "images_per_s": images_seen * jax.process_count() / max(elapsed, 1e-9),
+                "skipped_steps": progress["skipped_steps"],
             }
             if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
                 record.update({f"test_{k}": v for k, v in evaluate().items()})
@@ -281,7 +289,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     if is_main:
                         model_io.save_model(workdir / model_io.WORKDIR_BEST, {
                                 "params": unreplicated().params["model"], "batch_stats": unreplicated().batch_stats},
-                                {**description, "info": {**description["info"], "epoch": epoch + 1, "step": record["step"],
+                            {**description, "info": {**description["info"], "epoch": epoch + 1, "step": record["step"],
                                                                                   "test_DT5AP": record["test_DT5AP"]}})
             save(checkpointing.LATEST)
             reporter.write(record)

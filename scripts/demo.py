@@ -55,9 +55,9 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     if not PHOTOS.is_dir():
         run(PY, "-m", "leopard_jax.data.synthetic", "--out", PHOTOS, "--identities", "40",
-                "--images-per-identity", "8", "--seed", "0")
+            "--images-per-identity", "8", "--seed", "0")
     run(PY, "-m", "leopard_jax.preprocess", "--input", PHOTOS, "--output", DATASET, "--detector", "none",
-            "--config.render.height=64", "--config.render.width=128")
+        "--config.render.height=64", "--config.render.width=128")
     if not (DATASET / "split.json").is_file():
         run(PY, "-m", "leopard_jax.data.split", "--data", DATASET, "--test-fraction", "0.25", "--seed", "0")
     run(PY, "-m", "leopard_jax.train", "--config", REPO / "configs" / "demo.py", "--workdir", WORKDIR)
