@@ -27,12 +27,22 @@ class ModelDirError(ValueError):
     """A path that holds no exported model; the message names it and the fix."""
 
 
+def _local_checkpointer():
+    """An orbax checkpointer of this process alone: an exported model is written by one
+    process of a multi-host run (and read by any), so no cross-process barrier."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_model(model_dir: str | os.PathLike, variables: dict[str, Any], description: dict[str, Any]) -> None:
     """Write variables + description; replaces an existing export atomically enough that a
     crash leaves either the old or the new model (written aside, then renamed)."""
     import jax
     import numpy as np
-    import orbax.checkpoint as ocp
 
     model_dir = pathlib.Path(model_dir).absolute()
     tmp = model_dir.with_name(model_dir.name + ".tmp")
@@ -40,7 +50,7 @@ def save_model(model_dir: str | os.PathLike, variables: dict[str, Any], descript
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     host_vars = jax.tree.map(lambda x: np.asarray(x), dict(variables))
-    with ocp.StandardCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         ckptr.save(tmp / VARIABLES_DIR, host_vars)
     (tmp / MODEL_FILE).write_text(json.dumps(description, indent=2, sort_keys=True, default=str))
     old = model_dir.with_name(model_dir.name + ".old")
@@ -67,10 +77,8 @@ def resolve_model_dir(path: str | os.PathLike) -> pathlib.Path:
 
 def load_model(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(description, variables) with numpy leaves."""
-    import orbax.checkpoint as ocp
-
     model_dir = resolve_model_dir(path).absolute()
     description = json.loads((model_dir / MODEL_FILE).read_text())
-    with ocp.StandardCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         variables = ckptr.restore(model_dir / VARIABLES_DIR)
     return description, variables

@@ -6,22 +6,18 @@ usage: distributed_worker.py WORKDIR OUT.npz --config C [--config.key=value ...]
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app
 from flax import traverse_util
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file")
+from leopard_jax import train  # defines the --config flag
 
 
 def main(argv):
-    from leopard_jax import train
-
     workdir, out = argv[1], argv[2]
-    _, state = train.train_and_evaluate(_CONFIG.value, workdir)
+    _, state = train.train_and_evaluate(train._CONFIG.value, workdir)
     flat = traverse_util.flatten_dict(state.params, sep="/")
     np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
 
 
 if __name__ == "__main__":
-    flags.FLAGS.unparse_flags()
     app.run(main, argv=sys.argv)

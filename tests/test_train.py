@@ -114,15 +114,30 @@ def one_device_run(tmp_path_factory, dataset, cache_dir):
     return workdir
 
 
-def test_one_and_two_devices_give_the_same_training(tmp_path, dataset, cache_dir, one_device_run):
+def test_one_and_two_devices_train_alike_through_the_cli(tmp_path, dataset, cache_dir, one_device_run):
+    """The whole command on 2 devices: same steps, same held-out start, losses close.
+    (Adam's first steps are nearly sign(g): reduction-order noise in near-zero gradients
+    becomes ±lr steps, so the CLI runs agree to ~1 %, not bit-wise; the step itself is
+    checked exactly below.)"""
     run_train(tmp_path, dataset, cache_dir, devices=2, num_epochs=2)
     one, two = read_metrics(one_device_run), read_metrics(tmp_path)
-    assert [r["epoch"] for r in one] == [0, 1, 2]
+    assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [0, 1, 2]
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    np.testing.assert_allclose(one[0]["test_DT5AP"], two[0]["test_DT5AP"], rtol=1e-6)
     for a, b in zip(one[1:], two[1:]):
-        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
-    p1, p2 = final_params(one_device_run), final_params(tmp_path)
-    for name in p1:  # Adam turns reduction-order noise in tiny gradients into ±lr steps
-        np.testing.assert_allclose(p1[name], p2[name], atol=3e-3, err_msg=name)
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=2e-2)
+
+
+def test_train_step_on_two_devices_equals_one_device(dataset):
+    """The pmapped step itself, stepwise, on the same global batches (SGD: exact)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("multidevice_check.py")), str(dataset), "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["losses_1"]) == 3
+    np.testing.assert_allclose(result["losses_n"], result["losses_1"], rtol=1e-5)
+    assert result["max_param_diff"] <= 1e-5 * result["max_param"]
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, dataset, cache_dir, one_device_run):

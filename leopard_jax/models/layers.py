@@ -144,6 +144,7 @@ def batch_norm(train: bool, epsilon: float, dtype: Dtype, name: str | None = Non
     return nn.BatchNorm(
         use_running_average=not train,
         axis_name=axis_name if train else None,
+        use_fast_variance=False,  # two-pass variance: E[x²]−E[x]² cancels badly in float32
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
         dtype=dtype,
