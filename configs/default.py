@@ -62,7 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(every_epochs=1, batch_size=64, k_max=10))
     c.max_bad_steps = 5  # consecutive non-finite steps before the run stops
-    c.log_every_steps = 10
 
     # Multi-host: jax.distributed.initialize() (arguments from the environment on TPU/SLURM,
     # or these when set).
