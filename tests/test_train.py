@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,12 +82,15 @@ def read_metrics(workdir) -> list[dict]:
 
 
 def final_params(workdir) -> dict[str, np.ndarray]:
+    """Parameters of the run's last checkpoint (`latest`, not the best-by-DT5AP export)."""
+    import orbax.checkpoint as ocp
     from flax import traverse_util
 
-    from leopard_jax import model_io
-
-    _, variables = model_io.load_model(pathlib.Path(workdir))
-    return traverse_util.flatten_dict(variables, sep="/")
+    latest = pathlib.Path(workdir).absolute() / "checkpoints" / "latest"
+    (step_dir,) = [p for p in latest.iterdir() if p.name.isdigit()]
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(step_dir / "state")
+    return traverse_util.flatten_dict(state["params"], sep="/")
 
 
 def test_typo_in_config_key_is_an_error_before_compiling(tmp_path, dataset, cache_dir):
@@ -147,6 +152,33 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, dataset, cache_d
     for name in straight:
         np.testing.assert_allclose(straight[name], resumed[name], atol=1e-6, err_msg=name)
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_sigterm_saves_latest_and_the_rerun_ends_where_a_straight_run_ends(tmp_path, dataset, cache_dir,
+                                                                           one_device_run):
+    """SIGTERM as soon as epoch 1 is logged (mid-epoch 2 when it lands in time): the run
+    saves `latest` and exits 143; the rerun resumes mid-epoch and ends with the straight
+    run's parameters either way."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "leopard_jax.train", "--config", str(DEMO_CONFIG), "--workdir", str(tmp_path),
+           *overrides(dataset, num_epochs=2)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and '"epoch": 1' in metrics.read_text():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 143), err[-4000:]
+    if proc.returncode == 143:
+        assert "interrupted: saved" in err and "rerun the same command to resume" in err
+        run_train(tmp_path, dataset, cache_dir, num_epochs=2)
+    straight, resumed = final_params(one_device_run), final_params(tmp_path)
+    for name in straight:
+        np.testing.assert_allclose(straight[name], resumed[name], atol=1e-6, err_msg=name)
 
 
 def test_two_processes_train_to_equal_parameters(tmp_path, dataset, cache_dir):
