@@ -63,14 +63,6 @@ def split_rows(rows, config, workdir: pathlib.Path):
     return train, test
 
 
-def label_array(rows):
-    import numpy as np
-
-    identities = sorted({r["identity"] for r in rows})
-    index = {identity: i for i, identity in enumerate(identities)}
-    return np.array([index[r["identity"]] for r in rows], np.int32), identities
-
-
 def load_init(config) -> tuple[dict | None, dict]:
     """(imported variables or None for random, the model settings the import dictates)."""
     from leopard_jax.models import convert
@@ -165,8 +157,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     settings = records.load_settings(config.data_dir)
     height, width, channels = records.record_shape(settings)
     train_rows, test_rows = split_rows(records.read_manifest(config.data_dir), config, workdir)
-    train_labels, class_names = label_array(train_rows)
-    test_labels, _ = label_array(test_rows)
+    class_names = pipeline.class_names(train_rows)
+    train_labels = pipeline.label_array(train_rows, class_names)
+    test_labels = pipeline.label_array(test_rows, pipeline.class_names(test_rows))
 
     def loader(epoch: int):
         return pipeline.train_loader(
