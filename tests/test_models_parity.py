@@ -97,3 +97,22 @@ def test_widened_stem_copies_first_channel(case):
     np.testing.assert_array_equal(stem[:, :, 3], stem[:, :, 0])
     np.testing.assert_array_equal(stem[:, :, 4], stem[:, :, 0])
     np.testing.assert_array_equal(stem[:, :, :3], case["state"][STEM[case["name"]]].transpose(2, 3, 1, 0))
+
+
+def test_random_init_scales_match_timm():
+    """Per-layer weight std of a fresh model equals timm's own init (same architecture), so a
+    run from random weights starts where timm's would. A depthwise kernel inited with flax's
+    whole-layer fan-out was C times too small in variance and left eval-mode batch norm blind
+    early in training; this compares every conv, depthwise included."""
+    import flax
+
+    ours = build_backbone("efficientnetv2_b0", num_classes=0)
+    variables = ours.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32), False)
+    flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+    ref = timm.create_model("tf_efficientnetv2_b0", pretrained=False, num_classes=0)
+    ref_stds = {name: float(p.detach().std()) for name, p in ref.named_parameters() if p.ndim == 4}
+    ours_stds = {name: float(np.std(v)) for name, v in flat.items() if v.ndim == 4}
+    assert len(ours_stds) == len(ref_stds)
+    # Both enumerate the convolutions in network order; compare pairwise.
+    for (name, ours_std), (ref_name, ref_std) in zip(ours_stds.items(), ref_stds.items()):
+        assert ours_std == pytest.approx(ref_std, rel=0.25), (name, ref_name)

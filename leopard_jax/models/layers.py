@@ -124,9 +124,13 @@ class DepthwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
+        # He init over one group's fan-out (k·k), as timm's `fix_group_fanout`: flax's
+        # "fan_out" of a [k, k, 1, C] kernel is k·k·C, which made the outputs C times too
+        # small in variance and left eval-mode batch norm (running var starts at 1) blind
+        # for the first ~100 steps.
         kernel = self.param(
             "kernel",
-            nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
             (self.kernel_size, self.kernel_size, 1, channels),
             jnp.float32,
         )
