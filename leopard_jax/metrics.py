@@ -286,12 +286,19 @@ def _rank_summary(per_query, class_mates):
 
 
 def _ccdr(per_query):
-    ok = (per_query["same_count"] > 0) & (per_query["diff_count"] > 0)
+    """Mean over queries of (mean own-class distance) / (mean other-class distance).
+
+    Distances are clamped at 0 (1 − cos of near-identical float32 vectors can be −1e-7), and
+    a query whose other classes all sit at distance 0 has no ratio: with collapsed embeddings
+    the result is NaN, not ±1e5 from rounding noise.
+    """
+    same_count, diff_count = per_query["same_count"], per_query["diff_count"]
+    same = np.maximum(per_query["same_dist"].astype(np.float64), 0.0) / np.maximum(same_count, 1)
+    diff = np.maximum(per_query["diff_dist"].astype(np.float64), 0.0) / np.maximum(diff_count, 1)
+    ok = (same_count > 0) & (diff_count > 0) & (diff > 1e-6)
     if not np.any(ok):
         return float("nan")
-    same = per_query["same_dist"][ok] / per_query["same_count"][ok]
-    diff = per_query["diff_dist"][ok] / per_query["diff_count"][ok]
-    return float(np.mean(same.astype(np.float64) / diff))
+    return float(np.mean(same[ok] / diff[ok]))
 
 
 def _angles(per_query, pooled):

@@ -243,6 +243,20 @@ def test_zero_embedding_does_not_break_metrics():
     assert all(math.isfinite(v) for v in got["DTkAP"] + [got["CCDR"]])
 
 
+def test_collapsed_embeddings_give_nan_ccdr_not_rounding_noise():
+    """Every embedding the same direction (an untrained or collapsed model): 1 − cos is
+    ±1e-7 noise, so the ratio is undefined; it used to read as −1.8e5."""
+    direction = np.random.default_rng(5).normal(size=16).astype(np.float32)
+    scales = np.linspace(0.5, 2.0, 12, dtype=np.float32)[:, None]
+    got = metrics.retrieval_metrics(scales * direction, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], k_max=5)
+    assert math.isnan(got["CCDR"])
+    # One distinct class keeps the ratio defined for its own queries, and non-negative.
+    emb = scales * direction
+    emb[:3] = np.random.default_rng(6).normal(size=(3, 16))
+    got = metrics.retrieval_metrics(emb, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], k_max=5)
+    assert math.isfinite(got["CCDR"]) and got["CCDR"] >= 0
+
+
 @pytest.mark.parametrize("emb, labels, message", [
     (np.zeros((3, 2)), [0, 1], "3 embeddings but 2 labels"),
     (np.zeros((1, 2)), [0], "at least 2"),
