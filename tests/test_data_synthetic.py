@@ -28,6 +28,21 @@ def test_deterministic_per_seed_and_photos_differ():
     assert np.abs(a[0][3].astype(int) - a[1][3]).mean() > 5, "photos of one identity should vary"
 
 
+def test_coat_style_belongs_to_the_animal():
+    """Both flanks of an animal share its coat traits (mark spacing, size, colour); other
+    animals differ, so the traits are a cue that carries over to unseen individuals."""
+    a0, a1 = synthetic._coat_style(0, 0), synthetic._coat_style(0, 1)
+    assert a0 == synthetic._coat_style(0, 0)
+    assert all(a0[k] != a1[k] for k in a0)
+    coarse = synthetic._coat(np.random.default_rng(1), {**a0, "spacing": 56.0, "size": 0.45})
+    fine = synthetic._coat(np.random.default_rng(1), {**a0, "spacing": 18.0, "size": 0.22})
+    # Fewer, bigger marks: fewer dark blobs on the canonical coat.
+    def blobs(coat):
+        dark = (cv2.cvtColor(coat, cv2.COLOR_BGR2GRAY) < 60).astype(np.uint8)
+        return cv2.connectedComponents(dark)[0]
+    assert blobs(coarse) < blobs(fine) / 2
+
+
 def test_raw_pixel_nearest_neighbour_is_far_from_perfect():
     """Pose, scene and lighting vary enough that raw pixels rarely find the same animal."""
     items = list(synthetic.photos(12, 3, seed=0, height=H, width=W))

@@ -34,33 +34,52 @@ def identity_names(identities: int) -> list[tuple[str, int, str]]:
     return [(f"A{n // 2:03d}_{FLANKS[n % 2]}", n // 2, FLANKS[n % 2]) for n in range(identities)]
 
 
-def _coat(rng: np.random.Generator) -> np.ndarray:
+def _coat_style(seed: int, animal: int) -> dict[str, float]:
+    """Per-animal coat traits shared by both flanks, as real leopards differ in rosette size,
+    density, ring weight and ground colour: coarse cues a network can learn quickly and that
+    carry over to unseen animals, while raw pixels of differently posed photos cannot use them.
+    """
+    rng = np.random.default_rng([seed, animal, 7])
+    return dict(
+        spacing=rng.uniform(18, 56),  # px between neighbouring marks in the canonical coat
+        rosette_share=rng.uniform(0.3, 0.95),  # rosettes vs solid spots on the torso
+        size=rng.uniform(0.22, 0.45),  # mark radius relative to the spacing
+        ring=rng.uniform(0.06, 0.22),  # ring stroke relative to the spacing
+        fill=rng.uniform(0.5, 0.9),  # rosette centre: darker than the ground by this factor
+        tint=rng.uniform(0.65, 1.4),  # ground colour, from pale straw to deep rufous
+        value=rng.uniform(0.6, 1.15),  # ground brightness
+    )
+
+
+def _coat(rng: np.random.Generator, style: dict[str, float]) -> np.ndarray:
     """BGR uint8 COAT_H×COAT_W: golden base with a paler belly, rosettes and spots."""
-    base = np.array([55, 140, 200], np.float32) * rng.uniform(0.8, 1.1, 3)
+    base = np.array([55, 140, 200], np.float32) * rng.uniform(0.9, 1.05, 3)
+    base = base * np.array([1 / style["tint"], 1.0, style["tint"]], np.float32) * style["value"]
     belly = np.array([170, 205, 225], np.float32)
     y = np.linspace(0, 1, COAT_H, dtype=np.float32)[:, None, None]
     mix = np.clip(1.0 - np.abs(y - 0.64) * 9.0, 0, 1)  # pale belly band; legs stay golden
     coat = (base * (1 - mix) + belly * mix) * np.ones((1, COAT_W, 1), np.float32)
     coat = coat.astype(np.uint8)
     dark = tuple(int(v) for v in rng.integers(10, 35, 3))
-    spacing = rng.uniform(28, 34)
+    fill = tuple(int(v * style["fill"]) for v in base)
+    spacing = style["spacing"] * rng.uniform(0.95, 1.05)
     for gy in np.arange(spacing / 2, COAT_H, spacing * 0.87):
         for gx in np.arange(spacing / 2, COAT_W, spacing):
             cx, cy = gx + rng.uniform(-0.35, 0.35) * spacing, gy + rng.uniform(-0.35, 0.35) * spacing
             centre = (int(cx), int(cy))
             on_body = 60 < cy < 165 and 70 < cx < 420
-            if on_body and rng.random() < 0.85:  # rosette: darker centre, broken ring
-                r = rng.uniform(7, 13)
+            if on_body and rng.random() < style["rosette_share"]:  # rosette: darker centre, broken ring
+                r = spacing * style["size"] * rng.uniform(0.8, 1.2)
                 axes = (int(r * rng.uniform(0.9, 1.3)), int(r))
                 tilt = rng.uniform(0, 180)
-                cv2.ellipse(coat, centre, axes, tilt, 0, 360, tuple(int(v * 0.75) for v in base), -1, cv2.LINE_AA)
+                cv2.ellipse(coat, centre, axes, tilt, 0, 360, fill, -1, cv2.LINE_AA)
                 start = rng.uniform(0, 360)
+                stroke = max(1, int(round(spacing * style["ring"] * rng.uniform(0.8, 1.2))))
                 for arc in np.sort(rng.uniform(0, 360, rng.integers(3, 6))):
                     span = rng.uniform(35, 70)
-                    cv2.ellipse(coat, centre, axes, tilt, start + arc, start + arc + span, dark,
-                                int(rng.integers(3, 6)), cv2.LINE_AA)
+                    cv2.ellipse(coat, centre, axes, tilt, start + arc, start + arc + span, dark, stroke, cv2.LINE_AA)
             else:  # solid spot
-                r = rng.uniform(3, 7) if not on_body else rng.uniform(5, 8)
+                r = spacing * style["size"] * (rng.uniform(0.3, 0.6) if not on_body else rng.uniform(0.5, 0.7))
                 axes = (int(r * rng.uniform(0.8, 1.4)), max(int(r), 1))
                 cv2.ellipse(coat, centre, axes, rng.uniform(0, 180), 0, 360, dark, -1, cv2.LINE_AA)
     eye, nose = (HEAD[0] + 12, HEAD[1] - 8), (HEAD[0] + 46, HEAD[1] + 8)
@@ -169,6 +188,7 @@ def render_photo(coat: np.ndarray, shape: np.ndarray, flank: str, rng: np.random
                  height: int = 480, width: int = 640) -> np.ndarray:
     """One BGR uint8 photo of the animal with this coat."""
     scene = cv2.resize(_background(rng, height // 2, width // 2), (width, height), interpolation=cv2.INTER_LINEAR)
+    scene = cv2.GaussianBlur(scene, (0, 0), rng.uniform(0.5, 1.5) * width / 320)  # focused on the animal
     body = _body(rng, shape)
     homography = _pose(rng, height, width, flank)
     animal = cv2.warpPerspective((coat * _shading(body)).clip(0, 255), homography, (width, height), flags=cv2.INTER_LINEAR)
@@ -181,7 +201,7 @@ def render_photo(coat: np.ndarray, shape: np.ndarray, flank: str, rng: np.random
             x0 = rng.uniform(0, width)
             points = np.stack([x0 + np.cumsum(rng.uniform(-30, 30, 6)), np.linspace(height, rng.uniform(0, height), 6)], 1)
             cv2.polylines(image, [points.astype(np.int32)], False, leaf, int(rng.integers(8, 30)), cv2.LINE_AA)
-    mode = rng.choice(3, p=[0.35, 0.3, 0.35])  # day, flash (warm, vignetted), IR (grey)
+    mode = rng.choice(3, p=[0.55, 0.25, 0.2])  # day, flash (warm, vignetted), IR (grey)
     if mode >= 1:
         yy, xx = np.ogrid[:height, :width]
         r2 = ((xx - width / 2) / width) ** 2 + ((yy - height / 2) / height) ** 2
@@ -190,7 +210,7 @@ def render_photo(coat: np.ndarray, shape: np.ndarray, flank: str, rng: np.random
     if mode == 2:
         tint = np.array(rng.uniform([0.95, 0.95, 0.9], [1.1, 1.05, 1.0]), np.float32)
         image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR) * tint
-    exposure, black = rng.uniform(0.55, 1.7), rng.uniform(-20, 20)
+    exposure, black = rng.uniform(0.7, 1.4), rng.uniform(-12, 12)
     image = cv2.addWeighted(image, exposure, image, 0.0, black, dtype=cv2.CV_8U)  # saturates like a sensor
     sigma = rng.uniform(0.0, 1.8)
     if sigma > 0.4:
@@ -207,7 +227,7 @@ def identity_photos(identity_index: int, images_per_identity: int, seed: int, he
                     ) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """(identity, flank, file stem, BGR photo) for the photos of one identity."""
     identity, animal, flank = identity_names(identity_index + 1)[identity_index]
-    coat = _coat(np.random.default_rng([seed, animal, FLANKS.index(flank)]))
+    coat = _coat(np.random.default_rng([seed, animal, FLANKS.index(flank)]), _coat_style(seed, animal))
     shape = _animal_shape(seed, animal)
     for n in range(images_per_identity):
         rng = np.random.default_rng([seed, animal, FLANKS.index(flank), n + 1])
