@@ -35,19 +35,22 @@ class TrainState:
     rng: jax.Array
 
 
-def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """EmbeddingModel keyword arguments as stored in an exported model's model.json."""
+def model_kwargs(model_config: ml_collections.ConfigDict, **fixed: Any) -> dict[str, Any]:
+    """EmbeddingModel keyword arguments as stored in an exported model's model.json; `fixed`
+    adds settings an imported checkpoint dictates (e.g. spotID's `stem_padding`)."""
     return dict(
         backbone=model_config.backbone,
         head=model_config.head,
         dims=int(model_config.dims),
         drop_path_rate=float(model_config.drop_path_rate),
+        **fixed,
     )
 
 
-def build_model(model_config: ml_collections.ConfigDict, *, axis_name: str | None = AXIS) -> EmbeddingModel:
+def build_model(model_config: ml_collections.ConfigDict, *, axis_name: str | None = AXIS,
+                **fixed: Any) -> EmbeddingModel:
     return EmbeddingModel(
-        **model_kwargs(model_config), dtype=DTYPES[model_config.dtype], bn_axis_name=axis_name
+        **model_kwargs(model_config, **fixed), dtype=DTYPES[model_config.dtype], bn_axis_name=axis_name
     )
 
 

@@ -153,3 +153,29 @@ def test_help_works(capsys):
     with pytest.raises(SystemExit) as e:
         convert.main(["--help"])
     assert e.value.code == 0 and "--spotid" in capsys.readouterr().out
+
+
+def test_training_from_a_spotid_checkpoint_starts_from_its_embeddings(spotid, tmp_path):
+    """`init.kind=spotid`: the train state built by `train.load_init` + `build_model` embeds
+    like the PyTorch checkpoint, unpadded stem included (exported description says so too)."""
+    from leopard_jax import train
+    from leopard_jax import train_step as ts
+    from leopard_jax.config import load_config
+
+    path = tmp_path / "spotid.pth"
+    torch.save(spotid.state_dict(), path)
+    config = load_config(__file__, "../configs/default.py")
+    config.unlock()
+    config.init.kind, config.init.path = "spotid", str(path)
+    config.model.update(backbone=BACKBONE, head="spotid", dims=1024)
+    init_variables, fixed = train.load_init(config)
+    assert fixed == {"stem_padding": 0}
+    assert ts.model_kwargs(config.model, **fixed)["stem_padding"] == 0
+    model = ts.build_model(config.model, axis_name=None, **fixed)
+    tx = ts.make_optimizer(config, steps_per_epoch=1)
+    state = ts.init_state(config, model, num_classes=3, input_shape=(64, 128, 4), tx=tx, init_variables=init_variables)
+    x = np.random.default_rng(1).standard_normal((2, 4, 64, 128), dtype=np.float32)
+    with torch.no_grad():
+        ref = spotid(torch.from_numpy(x)).numpy()
+    out = np.asarray(ts.embed_step(state, x.transpose(0, 2, 3, 1), model=model))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
