@@ -11,16 +11,17 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def get_config():
     c = load_config(__file__, "default.py")
     c.data_dir = os.path.join(_REPO, "demo_out", "dataset")
-    c.num_epochs = 30
+    c.num_epochs = 20  # 240 steps: held-out DT5AP levels off after ~15 epochs
     c.batch_size = 32
     c.workers = 0
     c.model.backbone = "efficientnetv2_b0"
     c.model.dims = 128
-    c.model.drop_path_rate = 0.0
+    c.model.drop_path_rate = 0.0  # 0.2 slowed fitting here and lowered held-out DT5AP
     c.loss.scale = 16.0  # few classes: a smaller scale keeps early gradients sane
     c.loss.margin = 0.2
-    c.optim.learning_rate = 2e-3
-    c.optim.decay_every_epochs = 10
+    # The optimiser is the paper's as it is (default.py: Adam 1e-3, ×0.7 every 5 epochs): 2e-3
+    # fitted the training individuals more slowly, and with 5e-3 held-out DT5AP fell below the
+    # untrained model's.
     c.eval.batch_size = 32
-    c.eval.every_epochs = 5  # held-out evaluation costs ~2 s; the last epoch is always evaluated
+    c.eval.every_epochs = 5  # held-out evaluation costs ~1 s; the last epoch is always evaluated
     return c

@@ -193,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                           axis_name=ts.AXIS, donate_argnums=(0,))
     p_embed = jax.pmap(functools.partial(ts.embed_step, model=model), axis_name=ts.AXIS)
     p_sync = jax.pmap(ts.sync_batch_stats, axis_name=ts.AXIS)
-    rstate = jax_utils.replicate(state)
+    rstate = ts.replicate(state)
     reporter = Reporter(workdir, is_main)
     description = {
         "model": ts.model_kwargs(config.model, **fixed_model_kwargs),

@@ -17,6 +17,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import jax_utils
 from jax import lax
 
 from leopard_jax import losses, metrics
@@ -24,6 +25,17 @@ from leopard_jax.models.embedding import EmbeddingModel
 
 AXIS = "batch"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def replicate(tree: Any, devices=None) -> Any:
+    """One copy of `tree` per device, laid out exactly as pmap lays out its outputs.
+
+    `flax.jax_utils.replicate` gives the copies a different sharding from the one a pmapped
+    step returns, so the step compiled on its first call would compile again on its second
+    (~20 s for the demo model on CPU). A pass through an identity pmap over the same axis
+    gives the first call the layout every later call sees."""
+    return jax.pmap(lambda x: jax.tree.map(jnp.copy, x), axis_name=AXIS, devices=devices)(
+        jax_utils.replicate(tree, devices))
 
 
 @flax.struct.dataclass

@@ -35,7 +35,7 @@ def main(dataset: str, n_devices: int) -> None:
     for n in (1, n_devices):
         devices = jax.devices()[:n]
         p_step = jax.pmap(step, axis_name=ts.AXIS, devices=devices)
-        rstate, epoch, losses = jax_utils.replicate(state, devices), jax_utils.replicate(np.int32(0), devices), []
+        rstate, epoch, losses = ts.replicate(state, devices), jax_utils.replicate(np.int32(0), devices), []
         for batch in pipeline.train_loader(rows, dataset, labels=labels, global_batch=8, seed=3, epoch=0,
                                            num_devices=n, augment_config=config.augment.to_dict()):
             rstate, logs = p_step(rstate, {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}, epoch)
