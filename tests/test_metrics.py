@@ -309,3 +309,34 @@ def test_arccos_degrees_is_accurate():
     got = np.asarray(metrics.arccos_degrees(jnp.asarray(cos, jnp.float32)), np.float64)
     exact = np.degrees(np.arccos(cos.astype(np.float32).astype(np.float64)))
     assert np.max(np.abs(got - exact)) < 1e-3
+
+
+# --- paired bootstrap over individuals ----------------------------------------------
+
+
+def test_paired_bootstrap_of_a_constant_gain_is_that_gain():
+    b = np.random.default_rng(5).uniform(size=40)
+    got = metrics.paired_bootstrap(b + 0.1, b, np.repeat(np.arange(8), 5))
+    assert got["diff"] == pytest.approx(0.1) and got["low"] == pytest.approx(0.1)
+    assert got["high"] == pytest.approx(0.1) and got["p_not_better"] == 0.0 and got["groups"] == 8
+
+
+def test_paired_bootstrap_resamples_individuals_not_queries():
+    """Two individuals, one +1 and one −1 on all ten of its queries: resampled by query the
+    interval would hug 0; by individual the resamples are −1, 0 or +1, with P(≤ 0) = 3/4."""
+    a = np.r_[np.ones(10), -np.ones(10)]
+    got = metrics.paired_bootstrap(a, np.zeros(20), ["A"] * 10 + ["B"] * 10, samples=4000, seed=1)
+    assert got["diff"] == 0.0 and got["low"] == -1.0 and got["high"] == 1.0
+    assert got["p_not_better"] == pytest.approx(0.75, abs=0.03)
+
+
+def test_paired_bootstrap_weights_queries_equally():
+    """One query of +1 beside three of 0: the mean is 0.25, as a DTkAP mean would be."""
+    got = metrics.paired_bootstrap([1.0, 0.0, 0.0, 0.0], [0.0] * 4, ["x", "y", "y", "y"])
+    assert got["diff"] == 0.25 and got["high"] == 1.0 and got["low"] == 0.0
+
+
+@pytest.mark.parametrize("a, b, groups", [([1.0], [1.0, 2.0], [0]), ([1.0, 2.0], [1.0, 2.0], [0]), ([], [], [])])
+def test_paired_bootstrap_rejects_mismatched_input(a, b, groups):
+    with pytest.raises(ValueError):
+        metrics.paired_bootstrap(a, b, groups)
