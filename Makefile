@@ -12,7 +12,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # once here rather than inside a timed test. (The demo never imports rembg.)
 WARM_UP := $(BIN)/python -c "import rembg"
 
-.PHONY: demo test bench browser clean
+.PHONY: demo test lint format bench browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ browser:
 
 test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q tests
+
+# ruff: lint and format check (configured in pyproject.toml); `make format` rewrites.
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(TEST_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(TEST_STAMP)
 	$(BIN)/python scripts/bench.py all
