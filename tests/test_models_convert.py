@@ -30,7 +30,9 @@ class SpotIDNetwork(torch.nn.Module):
         self.backbone = timm.create_model("tf_efficientnetv2_b0", pretrained=False)
         if in_chans != 3:
             old = self.backbone.conv_stem
-            self.backbone.conv_stem = torch.nn.Conv2d(in_chans, old.out_channels, 3, 2, padding=0, bias=False)
+            self.backbone.conv_stem = torch.nn.Conv2d(
+                in_chans, old.out_channels, 3, 2, padding=0, bias=False
+            )
         self.embedding_layer = torch.nn.Linear(1000, 1024)
 
     def forward(self, x):
@@ -59,16 +61,38 @@ def spotid():
 def test_spotid_checkpoint_embeds_like_pytorch(spotid, tmp_path):
     path = tmp_path / "spotid.pth"
     torch.save({"model_state_dict": spotid.state_dict(), "epoch": 3}, path)
-    assert convert.main(["--spotid", str(path), "--backbone", "tf_efficientnetv2_b0", "--out", str(tmp_path / "m")]) == 0
+    assert (
+        convert.main(
+            [
+                "--spotid",
+                str(path),
+                "--backbone",
+                "tf_efficientnetv2_b0",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     description, variables = model_io.load_model(tmp_path / "m")
-    assert description["model"] == {"backbone": BACKBONE, "head": "spotid", "dims": 1024, "in_chans": 4,
-                                    "stem_padding": 0}
+    assert description["model"] == {
+        "backbone": BACKBONE,
+        "head": "spotid",
+        "dims": 1024,
+        "in_chans": 4,
+        "stem_padding": 0,
+    }
     model = EmbeddingModel(**description["model"])
     x = np.random.default_rng(0).standard_normal((2, 4, 64, 128), dtype=np.float32)
-    assert spotid.backbone.conv_stem(torch.from_numpy(x)).shape[2:] == (31, 63)  # unpadded, not 32 x 64
+    assert spotid.backbone.conv_stem(torch.from_numpy(x)).shape[2:] == (
+        31,
+        63,
+    )  # unpadded, not 32 x 64
     with torch.no_grad():
         ref = spotid(torch.from_numpy(x)).numpy()
-    out = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1)))
+    out = np.asarray(
+        jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
+    )
     assert out.dtype == np.float32 and out.shape == (2, 1024)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     ours = sum(np.size(p) for p in jax.tree.leaves(variables["params"]))
@@ -77,10 +101,14 @@ def test_spotid_checkpoint_embeds_like_pytorch(spotid, tmp_path):
 
 @pytest.mark.parametrize("prefix", ["", "backbone.", "model.", "module.backbone."])
 def test_spotid_key_prefixes(spotid, prefix):
-    state = {prefix + k if not k.startswith("embedding_layer") else k: v.numpy()
-             for k, v in spotid.state_dict().items()}
+    state = {
+        prefix + k if not k.startswith("embedding_layer") else k: v.numpy()
+        for k, v in spotid.state_dict().items()
+    }
     variables, kwargs = convert.convert_spotid(convert.normalize_state_dict(state), BACKBONE)
-    np.testing.assert_array_equal(variables["params"]["embedding"]["kernel"], state["embedding_layer.weight"].T)
+    np.testing.assert_array_equal(
+        variables["params"]["embedding"]["kernel"], state["embedding_layer.weight"].T
+    )
     assert kwargs["in_chans"] == 4 and kwargs["stem_padding"] == 0
 
 
@@ -101,14 +129,27 @@ def test_safetensors_and_pth_agree(timm_state, tmp_path):
     assert "classifier" not in a["params"]  # a feature backbone drops the ImageNet classifier
     jax.tree.map(np.testing.assert_array_equal, a, b)
     dw = timm_state["blocks.3.0.conv_dw.weight"].numpy()
-    np.testing.assert_array_equal(a["params"]["blocks_3_0"]["conv_dw"]["kernel"], dw.transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(a["batch_stats"]["bn1"]["var"], timm_state["bn1.running_var"].numpy())
+    np.testing.assert_array_equal(
+        a["params"]["blocks_3_0"]["conv_dw"]["kernel"], dw.transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        a["batch_stats"]["bn1"]["var"], timm_state["bn1.running_var"].numpy()
+    )
 
 
 def test_timm_cli_writes_a_model_with_a_seeded_head(timm_state, tmp_path):
     torch.save(timm_state, tmp_path / "w.pth")
     for out in ("m1", "m2"):
-        args = ["--timm", str(tmp_path / "w.pth"), "--backbone", BACKBONE, "--in-chans", "4", "--out", str(tmp_path / out)]
+        args = [
+            "--timm",
+            str(tmp_path / "w.pth"),
+            "--backbone",
+            BACKBONE,
+            "--in-chans",
+            "4",
+            "--out",
+            str(tmp_path / out),
+        ]
         assert convert.main(args) == 0
     d1, v1 = model_io.load_model(tmp_path / "m1")
     _, v2 = model_io.load_model(tmp_path / "m2")
@@ -143,7 +184,19 @@ def test_bad_files_give_one_line_errors(tmp_path, capsys):
     torch.save({"optimizer": {"lr": 1}}, tmp_path / "opt.pth")
     with pytest.raises(convert.ConvertError, match="no state dict"):
         convert.read_state_dict(tmp_path / "opt.pth")
-    assert convert.main(["--timm", str(tmp_path / "missing.pth"), "--backbone", BACKBONE, "--out", str(tmp_path / "o")]) == 2
+    assert (
+        convert.main(
+            [
+                "--timm",
+                str(tmp_path / "missing.pth"),
+                "--backbone",
+                BACKBONE,
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "missing.pth" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
@@ -156,26 +209,28 @@ def test_help_works(capsys):
 
 
 def test_training_from_a_spotid_checkpoint_starts_from_its_embeddings(spotid, tmp_path):
-    """`init.kind=spotid`: the train state built by `train.load_init` + `build_model` embeds
+    """`init.kind=spotid`: the train state built by `state.load_init` + `build_model` embeds
     like the PyTorch checkpoint, unpadded stem included (exported description says so too)."""
-    from leopard_jax import train
-    from leopard_jax import train_step as ts
-    from leopard_jax.config import load_config
+    from configs import default
+    from leopard_jax.train import state as ts
 
     path = tmp_path / "spotid.pth"
     torch.save(spotid.state_dict(), path)
-    config = load_config(__file__, "../configs/default.py")
+    config = default.get_config()
     config.unlock()
     config.init.kind, config.init.path = "spotid", str(path)
     config.model.update(backbone=BACKBONE, head="spotid", dims=1024)
-    init_variables, fixed = train.load_init(config)
+    init_variables, fixed = ts.load_init(config)
     assert fixed == {"stem_padding": 0}
     assert ts.model_kwargs(config.model, **fixed)["stem_padding"] == 0
     model = ts.build_model(config.model, axis_name=None, **fixed)
     tx = ts.make_optimizer(config, steps_per_epoch=1)
-    state = ts.init_state(config, model, num_classes=3, input_shape=(64, 128, 4), tx=tx, init_variables=init_variables)
+    state = ts.init_state(
+        config, model, num_classes=3, input_shape=(64, 128, 4), tx=tx, init_variables=init_variables
+    )
     x = np.random.default_rng(1).standard_normal((2, 4, 64, 128), dtype=np.float32)
     with torch.no_grad():
         ref = spotid(torch.from_numpy(x)).numpy()
-    out = np.asarray(ts.embed_step(state, x.transpose(0, 2, 3, 1), model=model))
+    variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
+    out = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1), train=False))
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -27,7 +27,11 @@ CASES = [  # (ours, timm, [(in_chans, (H, W)), ...]); B2 skips two combinations 
     ("resnet18", "resnet18", [(c, s) for c in (3, 4) for s in SIZES]),
     ("efficientnetv2_b2", "tf_efficientnetv2_b2", [(3, SIZES[0]), (4, SIZES[1])]),
 ]
-STEM = {"efficientnetv2_b0": "conv_stem.weight", "efficientnetv2_b2": "conv_stem.weight", "resnet18": "conv1.weight"}
+STEM = {
+    "efficientnetv2_b0": "conv_stem.weight",
+    "efficientnetv2_b2": "conv_stem.weight",
+    "resnet18": "conv1.weight",
+}
 
 
 def randomize_batch_norm(model, in_chans: int = 3, seed: int = 1):
@@ -96,7 +100,9 @@ def test_widened_stem_copies_first_channel(case):
     stem = variables["params"]["conv_stem" if "efficientnet" in case["name"] else "conv1"]["kernel"]
     np.testing.assert_array_equal(stem[:, :, 3], stem[:, :, 0])
     np.testing.assert_array_equal(stem[:, :, 4], stem[:, :, 0])
-    np.testing.assert_array_equal(stem[:, :, :3], case["state"][STEM[case["name"]]].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        stem[:, :, :3], case["state"][STEM[case["name"]]].transpose(2, 3, 1, 0)
+    )
 
 
 def test_random_init_scales_match_timm():

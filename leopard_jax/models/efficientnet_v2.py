@@ -4,11 +4,15 @@ Submodule names follow timm's state-dict keys with `.<index>` written `_<index>`
 (`blocks.3.0.conv_dw.weight` is `blocks_3_0/conv_dw/kernel`), so `convert.py` maps weights
 by name alone. Any number of input channels; `dtype=bfloat16` computes in bf16 with fp32
 parameters and batch-norm statistics.
+
+As in flax's imagenet example, `EfficientNetV2` sets `conv`, `depthwise` and `norm` (bound to
+`train`) once and hands them to the blocks; `train` reaches a block only for stochastic depth.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -20,6 +24,7 @@ from leopard_jax.models.layers import (
     Conv,
     DepthwiseConv,
     DropPath,
+    ModuleDef,
     SqueezeExcite,
     batch_norm,
     make_divisible,
@@ -71,9 +76,19 @@ def block_plan(variant: str) -> list[dict[str, Any]]:
             mid = make_divisible(in_ch * stage.expand)
             # timm computes SE width from the block input: round(mid * se / expand)
             se = round(mid * stage.se / stage.expand) if stage.se else 0
-            plan.append(dict(name=f"blocks_{s}_{i}", block=stage.block, kernel=stage.kernel, stride=stride,
-                             in_ch=in_ch, mid=mid, out_ch=out_ch, se=se,
-                             residual=stride == 1 and in_ch == out_ch))
+            plan.append(
+                dict(
+                    name=f"blocks_{s}_{i}",
+                    block=stage.block,
+                    kernel=stage.kernel,
+                    stride=stride,
+                    in_ch=in_ch,
+                    mid=mid,
+                    out_ch=out_ch,
+                    se=se,
+                    residual=stride == 1 and in_ch == out_ch,
+                )
+            )
             in_ch = out_ch
     return plan
 
@@ -86,13 +101,13 @@ class ConvBnAct(nn.Module):
     stride: int
     residual: bool
     drop_path: float
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = Conv(self.out_ch, self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
+        y = self.conv(self.out_ch, self.kernel, self.stride, name="conv")(x)
+        y = nn.silu(self.norm(name="bn1")(y))
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -107,15 +122,14 @@ class EdgeResidual(nn.Module):
     stride: int
     residual: bool
     drop_path: float
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = Conv(self.mid, self.kernel, self.stride, dtype=self.dtype, name="conv_exp")(x)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
-        y = Conv(self.out_ch, 1, dtype=self.dtype, name="conv_pwl")(y)
-        y = batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn2")(y)
+        y = self.conv(self.mid, self.kernel, self.stride, name="conv_exp")(x)
+        y = nn.silu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn2")(self.conv(self.out_ch, 1, name="conv_pwl")(y))
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -132,20 +146,18 @@ class InvertedResidual(nn.Module):
     se: int
     residual: bool
     drop_path: float
-    depthwise_impl: str | None = None
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None  # pmap axis for global-batch statistics
+    conv: ModuleDef
+    norm: ModuleDef
+    depthwise: ModuleDef  # DepthwiseConv with the chosen `impl`
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = Conv(self.mid, 1, dtype=self.dtype, name="conv_pw")(x)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(y))
-        y = DepthwiseConv(self.kernel, self.stride, impl=self.depthwise_impl, dtype=self.dtype, name="conv_dw")(y)
-        y = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn2")(y))
+        y = nn.silu(self.norm(name="bn1")(self.conv(self.mid, 1, name="conv_pw")(x)))
+        y = self.depthwise(self.kernel, self.stride, name="conv_dw")(y)
+        y = nn.silu(self.norm(name="bn2")(y))
         if self.se:
-            y = SqueezeExcite(self.se, dtype=self.dtype, name="se")(y)
-        y = Conv(self.out_ch, 1, dtype=self.dtype, name="conv_pwl")(y)
-        y = batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn3")(y)
+            y = SqueezeExcite(self.se, conv=self.conv, name="se")(y)
+        y = self.norm(name="bn3")(self.conv(self.out_ch, 1, name="conv_pwl")(y))
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -163,7 +175,7 @@ class EfficientNetV2(nn.Module):
     variant: str = "b2"
     num_classes: int = 1000
     drop_path_rate: float = 0.0
-    depthwise_impl: str | None = None
+    depthwise_impl: str | None = None  # see layers.DEPTHWISE_IMPLS; None picks by backend
     stem_padding: str | int = "tf_same"  # or a symmetric integer pad
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # pmap axis for global-batch statistics
@@ -175,24 +187,40 @@ class EfficientNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.stem_padding != "tf_same" and not isinstance(self.stem_padding, int):
-            raise ValueError(f"stem_padding {self.stem_padding!r}: use 'tf_same' or an integer (0 = none)")
+            raise ValueError(
+                f"stem_padding {self.stem_padding!r}: use 'tf_same' or an integer (0 = none)"
+            )
+        conv = functools.partial(Conv, dtype=self.dtype)
+        depthwise = functools.partial(DepthwiseConv, impl=self.depthwise_impl, dtype=self.dtype)
+        norm = batch_norm(train, epsilon=BN_EPS_TF, dtype=self.dtype, axis_name=self.bn_axis_name)
+
         plan = block_plan(self.variant)
         x = x.astype(self.dtype)
-        x = Conv(plan[0]["in_ch"], 3, 2, padding=self.stem_padding, dtype=self.dtype, name="conv_stem")(x)
-        x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn1")(x))
+        x = conv(plan[0]["in_ch"], 3, 2, padding=self.stem_padding, name="conv_stem")(x)
+        x = nn.silu(norm(name="bn1")(x))
         for idx, b in enumerate(plan):
-            common = dict(out_ch=b["out_ch"], kernel=b["kernel"], stride=b["stride"], residual=b["residual"],
-                          drop_path=self.drop_path_rate * idx / len(plan), dtype=self.dtype,
-                          bn_axis_name=self.bn_axis_name, name=b["name"])
+            common = dict(
+                out_ch=b["out_ch"],
+                kernel=b["kernel"],
+                stride=b["stride"],
+                residual=b["residual"],
+                drop_path=self.drop_path_rate * idx / len(plan),
+                conv=conv,
+                norm=norm,
+                name=b["name"],
+            )
             if b["block"] == "cn":
                 x = ConvBnAct(**common)(x, train)
             elif b["block"] == "er":
                 x = EdgeResidual(mid=b["mid"], **common)(x, train)
             else:
-                x = InvertedResidual(mid=b["mid"], se=b["se"], depthwise_impl=self.depthwise_impl, **common)(x, train)
-        x = Conv(self.num_features, 1, dtype=self.dtype, name="conv_head")(x)
-        x = nn.silu(batch_norm(train, BN_EPS_TF, self.dtype, axis_name=self.bn_axis_name, name="bn2")(x))
+                x = InvertedResidual(mid=b["mid"], se=b["se"], depthwise=depthwise, **common)(
+                    x, train
+                )
+        x = nn.silu(norm(name="bn2")(conv(self.num_features, 1, name="conv_head")(x)))
         x = jnp.mean(x, axis=(1, 2))
         if self.num_classes:
-            x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="classifier")(x)
+            x = nn.Dense(
+                self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="classifier"
+            )(x)
         return x

@@ -15,8 +15,9 @@ from flax import linen as nn
 
 from leopard_jax.models import build_backbone
 
-HEADS = ("pooled", "spotid")
 SPOTID_CLASSES = 1000
+# head name -> the backbone classifier width the projection sits on (0: pooled features)
+HEADS: dict[str, int] = {"pooled": 0, "spotid": SPOTID_CLASSES}
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -46,10 +47,18 @@ class EmbeddingModel(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
-        classes = SPOTID_CLASSES if self.head == "spotid" else 0
+            raise ValueError(f"unknown head {self.head!r}; choose one of {tuple(HEADS)}")
         stem = {} if self.stem_padding is None else {"stem_padding": self.stem_padding}
-        backbone = build_backbone(self.backbone, num_classes=classes, drop_path_rate=self.drop_path_rate,
-                                  dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="backbone", **stem)
-        projection = nn.Dense(self.dims, dtype=self.dtype, param_dtype=jnp.float32, name="embedding")
+        backbone = build_backbone(
+            self.backbone,
+            num_classes=HEADS[self.head],
+            drop_path_rate=self.drop_path_rate,
+            dtype=self.dtype,
+            bn_axis_name=self.bn_axis_name,
+            name="backbone",
+            **stem,
+        )
+        projection = nn.Dense(
+            self.dims, dtype=self.dtype, param_dtype=jnp.float32, name="embedding"
+        )
         return l2_normalize(projection(backbone(x, train)))

@@ -9,13 +9,16 @@ a dense one (about 4x the FLOPs of the whole training step).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 Dtype = Any
+ModuleDef = Any  # a module class or a functools.partial of one, as in flax's examples
 
 # torch momentum 0.1 updates running = 0.9 * running + 0.1 * batch; flax's momentum is the 0.9.
 BN_MOMENTUM = 0.9
@@ -30,7 +33,9 @@ def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> t
     return total // 2, total - total // 2
 
 
-def resolve_padding(padding: str | int, spatial: Sequence[int], kernel: int, stride: int) -> list[tuple[int, int]]:
+def resolve_padding(
+    padding: str | int, spatial: Sequence[int], kernel: int, stride: int
+) -> list[tuple[int, int]]:
     """`"tf_same"` (computed from the static input size) or a symmetric integer pad."""
     if padding == "tf_same":
         return [tf_same_padding(n, kernel, stride) for n in spatial]
@@ -63,9 +68,15 @@ class Conv(nn.Module):
         else:
             pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
             y = jax.lax.conv_general_dilated(
-                x, kernel, (self.strides, self.strides), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                x,
+                kernel,
+                (self.strides, self.strides),
+                pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
         return y
 
 
@@ -100,7 +111,12 @@ def depthwise_conv_shifted(x, kernel, stride: int, pad):
             tap = jax.lax.slice(
                 xp,
                 (0, i, j, 0),
-                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, xp.shape[3]),
+                (
+                    xp.shape[0],
+                    i + (out_h - 1) * stride + 1,
+                    j + (out_w - 1) * stride + 1,
+                    xp.shape[3],
+                ),
                 (1, stride, stride, 1),
             )
             term = tap * kernel[i, j, 0]
@@ -108,7 +124,10 @@ def depthwise_conv_shifted(x, kernel, stride: int, pad):
     return out
 
 
-DEPTHWISE_IMPLS: dict[str, Callable] = {"grouped": depthwise_conv_grouped, "shifted": depthwise_conv_shifted}
+DEPTHWISE_IMPLS: dict[str, Callable] = {
+    "grouped": depthwise_conv_grouped,
+    "shifted": depthwise_conv_shifted,
+}
 
 
 class DepthwiseConv(nn.Module):
@@ -139,13 +158,17 @@ class DepthwiseConv(nn.Module):
         return impl(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
 
 
-def batch_norm(train: bool, epsilon: float, dtype: Dtype, name: str | None = None,
-               axis_name: str | None = None) -> nn.BatchNorm:
-    """torch-equivalent batch norm: fp32 scale/bias/statistics whatever the compute dtype.
+def batch_norm(
+    train: bool, *, epsilon: float, dtype: Dtype = jnp.float32, axis_name: str | None = None
+) -> ModuleDef:
+    """The one batch-norm setting, torch-equivalent: momentum 0.1 (flax's 0.9), two-pass
+    variance, fp32 scale/bias/statistics whatever the compute dtype. The top module builds it
+    once from `train` and hands it to its blocks, which call `norm(name=...)`.
 
     `axis_name` (a pmap axis) makes training statistics those of the global batch, so 1 or N
     devices compute the same step."""
-    return nn.BatchNorm(
+    return functools.partial(
+        nn.BatchNorm,
         use_running_average=not train,
         axis_name=axis_name if train else None,
         use_fast_variance=False,  # two-pass variance: E[x²]−E[x]² cancels badly in float32
@@ -153,7 +176,6 @@ def batch_norm(train: bool, epsilon: float, dtype: Dtype, name: str | None = Non
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=jnp.float32,
-        name=name,
     )
 
 
@@ -161,14 +183,13 @@ class SqueezeExcite(nn.Module):
     """Channel gate from globally pooled features (timm `SqueezeExcite`, SiLU inside)."""
 
     reduced: int
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = Conv
 
     @nn.compact
     def __call__(self, x):
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = Conv(self.reduced, 1, use_bias=True, dtype=self.dtype, name="conv_reduce")(s)
-        s = nn.silu(s)
-        s = Conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="conv_expand")(s)
+        s = nn.silu(self.conv(self.reduced, 1, use_bias=True, name="conv_reduce")(s))
+        s = self.conv(x.shape[-1], 1, use_bias=True, name="conv_expand")(s)
         return x * nn.sigmoid(s)
 
 
@@ -182,7 +203,9 @@ class DropPath(nn.Module):
         if not train or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
@@ -192,4 +215,3 @@ def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> 
     if new < round_limit * value:
         new += divisor
     return new
-
