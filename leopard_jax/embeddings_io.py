@@ -66,9 +66,11 @@ def make(embeddings: np.ndarray, meta: dict[str, Any] | None = None, **columns) 
     strings = {}
     for field in STRING_FIELDS:
         values = columns.get(field)
-        values = np.full(n, "", dtype=str) if values is None else np.asarray(values, dtype=str).reshape(-1)
-        if len(values) != n:
-            raise ValueError(f"column {field!r} has {len(values)} rows, embeddings have {n}")
+        values = np.full(n, "", dtype=str) if values is None else np.asarray(values, dtype=str)
+        if values.shape != (n,):
+            raise ValueError(
+                f"column {field!r} has shape {values.shape}, expected ({n},) like 'embeddings'"
+            )
         strings[field] = values
     return Embeddings(embeddings=embeddings, meta=dict(meta or {}), **strings)
 
@@ -87,15 +89,22 @@ def concat(first: Embeddings, second: Embeddings, meta: dict[str, Any] | None = 
 
 def select(data: Embeddings, rows: np.ndarray) -> Embeddings:
     """The given rows (boolean mask or indices), same meta."""
-    return make(data.embeddings[rows], meta=data.meta, **{f: getattr(data, f)[rows] for f in STRING_FIELDS})
+    return make(
+        data.embeddings[rows], meta=data.meta, **{f: getattr(data, f)[rows] for f in STRING_FIELDS}
+    )
 
 
 def write(path: str | os.PathLike, data: Embeddings) -> None:
-    """Write atomically: a temp file beside `path`, then rename, so a crash or a full disk
-    leaves the previous file intact."""
+    """Check, then write atomically: a temp file beside `path`, then rename, so a crash or a
+    full disk leaves the previous file intact, and no file is written that `read` refuses."""
     path = pathlib.Path(path)
     if path.suffix != ".npz":
-        raise EmbeddingsFileError(f"{path}: the output must end in .npz (numpy would append it silently)")
+        raise EmbeddingsFileError(
+            f"{path}: the output must end in .npz (numpy would append it silently)"
+        )
+    problem = check(data)
+    if problem:
+        raise EmbeddingsFileError(f"{path}: not written: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f: getattr(data, f).astype(str) for f in STRING_FIELDS}
     arrays["embeddings"] = data.embeddings.astype(np.float32)
@@ -112,29 +121,56 @@ def write(path: str | os.PathLike, data: Embeddings) -> None:
         raise
 
 
+def check(data: Embeddings) -> str | None:
+    """What makes `data` unusable as an embeddings file, or None. The rules every reader
+    relies on: finite unit-norm embeddings (a zero row has no direction to rank by) and
+    unique, non-empty keys (the review's decisions and `--update` are keyed by them)."""
+    if len(data) == 0:
+        return None
+    norms = np.linalg.norm(data.embeddings, axis=1)
+    if not np.all(np.isfinite(data.embeddings)) or np.any(norms == 0):
+        return "it holds zero or non-finite embeddings"
+    if not np.all(np.abs(norms - 1) < UNIT_NORM_TOLERANCE):
+        return "embeddings are not unit norm"
+    empty = np.flatnonzero(data.keys == "")
+    if len(empty):
+        return f"keys[{empty[0]}] is empty; every image needs a unique key"
+    keys, counts = np.unique(data.keys, return_counts=True)
+    if np.any(counts > 1):
+        key = keys[counts > 1][0]
+        rows = np.flatnonzero(data.keys == key)
+        return f"key {str(key)!r} appears at rows {rows[0]} and {rows[1]}; keys must be unique"
+    return None
+
+
 def read(path: str | os.PathLike) -> Embeddings:
-    """Load and check an embeddings file; errors name the file and what to do."""
+    """Load and `check` an embeddings file; errors name the file and what to do."""
     path = pathlib.Path(path)
+    fix = "re-create it with `python -m leopard_jax.embed`"
     if not path.is_file():
-        raise EmbeddingsFileError(f"{path}: not found; create it with `python -m leopard_jax.embed --out {path}`")
+        raise EmbeddingsFileError(
+            f"{path}: not found; create it with `python -m leopard_jax.embed --out {path}`"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except Exception as e:  # zipfile / ValueError / OSError: all mean "not a readable npz"
-        raise EmbeddingsFileError(f"{path}: not a readable .npz file ({e}); re-create it with leopard_jax.embed") from e
+        raise EmbeddingsFileError(f"{path}: not a readable .npz file ({e}); {fix}") from e
     missing = [f for f in ("embeddings", "keys") if f not in arrays]
     if missing:
         raise EmbeddingsFileError(
-            f"{path}: missing {missing}; it was not written by leopard_jax.embed — re-create it with that command"
+            f"{path}: lacks {', '.join(missing)}; it was not written by leopard_jax.embed: {fix}"
         )
     try:
         meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
-        data = make(arrays["embeddings"], meta=meta, **{f: arrays[f] for f in STRING_FIELDS if f in arrays})
-    except ValueError as e:
-        raise EmbeddingsFileError(f"{path}: {e}; re-create it with leopard_jax.embed") from e
-    norms = np.linalg.norm(data.embeddings, axis=1)
-    if len(norms) and not np.all(np.abs(norms - 1) < UNIT_NORM_TOLERANCE):
-        raise EmbeddingsFileError(f"{path}: embeddings are not unit norm; re-create it with leopard_jax.embed")
+        data = make(
+            arrays["embeddings"], meta=meta, **{f: arrays[f] for f in STRING_FIELDS if f in arrays}
+        )
+    except ValueError as e:  # json.JSONDecodeError is one too
+        raise EmbeddingsFileError(f"{path}: {e}; {fix}") from e
+    problem = check(data)
+    if problem:
+        raise EmbeddingsFileError(f"{path}: {problem}; {fix}")
     return data
 
 

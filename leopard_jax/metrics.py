@@ -5,7 +5,8 @@ Every sample is a query against all the others (leave-one-out). Definitions:
 - rank: the other samples sorted by distance; equal distances are ranked by index
   (lower index first), so results are deterministic. Distances are float32: equal
   inputs (duplicate embeddings, equal dot products) give exactly equal distances, but
-  distances that differ only in the last bit are not ties.
+  distances that differ only in the last bit are not ties. Lists come from
+  `ranking.best_k`, the top-k behind every ranked list in leopard_jax.
 - DTkAP (Dynamic Top-k Average Precision): k_i = min(|C_i| − 1, k);
   DTkAP(i) = (1/k_i)·Σ_{j≤k_i} P(j), P(j) = (matches in the top j)/j. Queries whose
   class is a singleton (k_i = 0) are skipped; the metric is their mean.
@@ -15,6 +16,13 @@ Every sample is a query against all the others (leave-one-out). Definitions:
   mean distance to the other classes; averaged over queries having both.
 - angular separation: mean angle (degrees) over all same-class pairs, over all
   different-class pairs, and the smallest angles over all pairs.
+
+Angles are taken stably. arccos of a float32 cosine is off by up to ~0.03° near 0°
+(cos θ ≈ 1 − θ²/2 rounds to 1 for θ < 0.02°), so for each query's 10 most similar others
+the angle is recomputed from the unit vectors as 2·atan2(|â − b̂|, |â + b̂|), accurate to
+~1e-5°: duplicates give exactly 0°. Every other pair keeps the arccos (accurate to ~1e-5°
+for θ above 1°); only a query with more than 10 near-duplicates keeps the ~0.03° error
+on the extra ones, in the means. The smallest angles come from the recomputed pairs.
 
 Documented edge values: DTkAP and TkRMD are 0.0 when no query has a class-mate
 (every class a singleton) — the worst score, so a best-model tracker never prefers
@@ -30,15 +38,16 @@ host memory with the default chunk of 1024.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-METRICS = ("cosine", "euclidean")
+from leopard_jax import distances, ranking
+
 NUM_SMALLEST_ANGLES = 10
-_NORM_EPS = 1e-12
 
 
 def encode_labels(labels: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -48,71 +57,6 @@ def encode_labels(labels: Sequence[Any] | np.ndarray) -> np.ndarray:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     _, encoded = np.unique(labels, return_inverse=True)
     return encoded.astype(np.int32).reshape(-1)
-
-
-# --- distances -----------------------------------------------------------------------
-
-
-def _inv_norms(x: jax.Array) -> jax.Array:
-    return jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1), _NORM_EPS))
-
-
-def _pairwise(q, x, metric):
-    """(distance [Q, N], cosine [Q, N]) between rows of q and rows of x.
-
-    Cosine is the raw dot product scaled by both inverse norms (not a dot of
-    normalised vectors), so equal raw dot products give bit-equal distances and ties
-    stay ties. Zero vectors have cosine 0 with everything.
-    """
-    dot = q @ x.T
-    cos = dot * _inv_norms(q)[:, None] * _inv_norms(x)[None, :]
-    if metric == "cosine":
-        dist = 1.0 - cos
-    else:
-        sq_q = jnp.sum(jnp.square(q), axis=-1)
-        sq_x = jnp.sum(jnp.square(x), axis=-1)
-        dist = jnp.sqrt(jnp.maximum(sq_q[:, None] + sq_x[None, :] - 2.0 * dot, 0.0))
-    return dist, cos
-
-
-def distance_matrix(x, y=None, *, metric: str = "cosine") -> np.ndarray:
-    """Distances [N, M] between rows of x and rows of y (default y = x), as numpy.
-
-    cosine: 1 − cos θ (in [0, 2]); euclidean: ||x − y||. Holds the whole matrix:
-    for large N use retrieval_metrics / nearest, which work in chunks.
-    """
-    _check_metric(metric)
-    x = jnp.asarray(x, jnp.float32)
-    y = x if y is None else jnp.asarray(y, jnp.float32)
-    return np.asarray(_pairwise_jit(x, y, metric)[0])
-
-
-_pairwise_jit = jax.jit(_pairwise, static_argnums=2)
-
-
-def _check_metric(metric):
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
-
-
-# Abramowitz & Stegun 4.4.46: arccos x = sqrt(1 − x)·Σ a_i x^i on [0, 1], |error| ≤ 2e-8.
-_ACOS_COEFFS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
-                0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
-
-
-def arccos_degrees(cos: jax.Array) -> jax.Array:
-    """arccos in degrees by a polynomial: as accurate as float32 arccos, ~20× faster.
-
-    The angle statistics take an arccos of every pair (N² of them); XLA's arccos on
-    CPU cost as much as the distance matmul itself.
-    """
-    x = jnp.abs(jnp.clip(cos, -1.0, 1.0))
-    poly = jnp.full_like(x, _ACOS_COEFFS[-1])
-    for coeff in _ACOS_COEFFS[-2::-1]:
-        poly = poly * x + coeff
-    radians = jnp.sqrt(1.0 - x) * poly
-    radians = jnp.where(cos < 0, jnp.pi - radians, radians)
-    return radians * (180.0 / jnp.pi)
 
 
 # --- ranking statistics, shared by the offline metrics and the in-batch DTkAP ---------
@@ -132,7 +76,7 @@ def _precision_curves(matches: jax.Array, class_mates: jax.Array):
     num_k = matches.shape[-1]
     ranks = jnp.arange(1, num_k + 1, dtype=jnp.float32)
     precision = jnp.cumsum(matches.astype(jnp.float32), axis=-1) / ranks  # P(j)
-    cum_precision = jnp.cumsum(precision, axis=-1)                          # Σ_{j'≤j} P
+    cum_precision = jnp.cumsum(precision, axis=-1)  # Σ_{j'≤j} P
     # DTkAP at cut-off k uses k_i = min(class_mates, k) ranks.
     k_i = jnp.minimum(class_mates[:, None], jnp.arange(1, num_k + 1)[None, :])
     summed = jnp.take_along_axis(cum_precision, jnp.maximum(k_i - 1, 0), axis=-1)
@@ -141,40 +85,32 @@ def _precision_curves(matches: jax.Array, class_mates: jax.Array):
     return dtkap, hit
 
 
-def _rank_scores(dist: jax.Array) -> jax.Array:
-    """Scores for lax.top_k (largest first): −distance, with −0.0 folded into +0.0.
-
-    lax.top_k puts the lower index first among equal values, which gives the
-    documented tie-break.
-    """
-    return -dist + 0.0
-
-
-def batch_dtkap(embeddings: jax.Array,
-                labels: jax.Array,
-                k: int = 5,
-                mask: jax.Array | None = None,
-                *,
-                metric: str = "cosine") -> jax.Array:
+def batch_dtkap(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    k: int = 5,
+    mask: jax.Array | None = None,
+    *,
+    metric: str = "cosine",
+) -> jax.Array:
     """DTkAP within one batch (jittable, static shapes): a cheap training signal.
 
     Class sizes are those within the batch; rows with label −1 or mask False are
     neither queries nor candidates. Returns the mean over queries with a class-mate
     in the batch, 0.0 when there is none.
     """
-    _check_metric(metric)
+    distances.check_metric(metric)
     batch = labels.shape[0]
     valid = labels >= 0
     if mask is not None:
         valid = valid & mask.astype(bool)
     k = min(int(k), max(batch - 1, 1))
-    dist, _ = _pairwise(embeddings, embeddings, metric)
+    dist, _ = distances.pairwise(embeddings, embeddings, metric)
     excluded = jnp.eye(batch, dtype=bool) | ~valid[None, :]
-    dist = jnp.where(excluded, jnp.inf, dist)
-    _, idx = jax.lax.top_k(_rank_scores(dist), k)
+    _, idx = ranking.best_k(jnp.where(excluded, -jnp.inf, -dist), k)
     same = (labels[:, None] == labels[None, :]) & valid[None, :] & valid[:, None]
     class_mates = jnp.sum(same, axis=-1) - 1
-    matches = jnp.take_along_axis(same, idx, axis=-1)
+    matches = jnp.take_along_axis(same, jnp.maximum(idx, 0), axis=-1) & (idx >= 0)
     dtkap, _ = _precision_curves(matches, class_mates)
     counted = valid & (class_mates > 0)
     total = jnp.sum(jnp.where(counted, dtkap[:, -1], 0.0))
@@ -184,34 +120,38 @@ def batch_dtkap(embeddings: jax.Array,
 # --- chunked leave-one-out pass ------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "k_max", "num_smallest"))
-def _query_chunk_stats(query_index, embeddings, labels, class_mates, *, metric, k_max,
-                       num_smallest):
+@functools.partial(jax.jit, static_argnames=("metric", "k_max", "num_near"))
+def _query_chunk_stats(
+    query_index, embeddings, unit, labels, class_mates, *, metric, k_max, num_near
+):
     """Everything the offline metrics need from queries `query_index` [c] vs all N.
 
+    `unit` is `embeddings` scaled to unit rows (once, so equal rows stay bit-equal).
     query_index entries ≥ N are padding of the last chunk (their outputs are ignored).
     """
     n = embeddings.shape[0]
     in_range = query_index < n
     q_index = jnp.minimum(query_index, n - 1)
-    q = embeddings[q_index]
     q_labels = labels[q_index]
-    dist, cos = _pairwise(q, embeddings, metric)
+    dist, cos = distances.pairwise(embeddings[q_index], embeddings, metric)
     column = jnp.arange(n)
     is_self = column[None, :] == q_index[:, None]
     same = (labels[None, :] == q_labels[:, None]) & ~is_self
     diff = labels[None, :] != q_labels[:, None]
 
-    scores = jnp.where(is_self, -jnp.inf, _rank_scores(dist))
-    _, nn_index = jax.lax.top_k(scores, k_max)
-    matches = labels[nn_index] == q_labels[:, None]
+    _, nn_index = ranking.best_k(jnp.where(is_self, -jnp.inf, -dist), k_max)
+    matches = (labels[jnp.maximum(nn_index, 0)] == q_labels[:, None]) & (nn_index >= 0)
     dtkap, hit = _precision_curves(matches, class_mates[q_index])
 
-    angle = arccos_degrees(cos)
-    upper = column[None, :] > q_index[:, None]  # each unordered pair once
-    smallest = -jax.lax.top_k(jnp.where(upper & in_range[:, None], -angle, -jnp.inf),
-                              num_smallest)[0]
-    smallest = jnp.sort(smallest.reshape(-1))[:num_smallest]
+    # arccos for every pair; for the most similar ones the stable angle from the vectors.
+    _, near = ranking.best_k(jnp.where(is_self, -jnp.inf, cos), num_near)
+    near_angle = distances.angle_degrees(unit[q_index][:, None, :], unit[jnp.maximum(near, 0)])
+    rows = jnp.arange(near.shape[0])[:, None]
+    angle = (
+        distances.arccos_degrees(cos)
+        .at[rows, jnp.where(near >= 0, near, n)]
+        .set(near_angle, mode="drop")
+    )
 
     def masked_sum(values, where):
         return jnp.sum(jnp.where(where & in_range[:, None], values, 0.0), axis=-1)
@@ -225,7 +165,8 @@ def _query_chunk_stats(query_index, embeddings, labels, class_mates, *, metric, 
         "diff_count": jnp.sum(diff, axis=-1),
         "same_angle": masked_sum(angle, same),
         "diff_angle": masked_sum(angle, diff),
-        "smallest_angles": smallest,
+        "near_index": near,
+        "near_angle": near_angle,
     }
 
 
@@ -245,33 +186,49 @@ def _prepare(embeddings, labels):
 
 def _leave_one_out_stats(embeddings, labels, *, metric, k_max, chunk):
     """Runs the chunked pass and gathers per-query arrays (numpy) and pooled sums."""
-    _check_metric(metric)
+    distances.check_metric(metric)
     n = embeddings.shape[0]
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     k_max = min(int(k_max), n - 1)
     chunk = max(1, min(int(chunk), n))
-    num_smallest = min(NUM_SMALLEST_ANGLES, n - 1)
+    num_near = min(NUM_SMALLEST_ANGLES, n - 1)
     class_mates = np.bincount(labels)[labels] - 1
     emb = jnp.asarray(embeddings)
+    unit = distances.unit_rows(emb)
     lab = jnp.asarray(labels)
     mates = jnp.asarray(class_mates)
     parts = []
     for start in range(0, n, chunk):
         index = jnp.arange(start, start + chunk, dtype=jnp.int32)
-        parts.append(_query_chunk_stats(index, emb, lab, mates, metric=metric, k_max=k_max,
-                                        num_smallest=num_smallest))
+        parts.append(
+            _query_chunk_stats(
+                index, emb, unit, lab, mates, metric=metric, k_max=k_max, num_near=num_near
+            )
+        )
     parts = jax.device_get(parts)
-    per_query = {key: np.concatenate([p[key] for p in parts])[:n]
-                 for key in ("dtkap", "hit", "same_dist", "diff_dist", "same_count",
-                             "diff_count", "same_angle", "diff_angle")}
+    per_query = {key: np.concatenate([p[key] for p in parts])[:n] for key in parts[0]}
     pooled = {
         "same_angle": float(np.sum(per_query["same_angle"], dtype=np.float64)),
         "diff_angle": float(np.sum(per_query["diff_angle"], dtype=np.float64)),
-        "smallest_angles": np.sort(np.concatenate([p["smallest_angles"] for p in parts]))
-                           [:num_smallest],
+        "smallest_angles": _smallest_angles(
+            per_query["near_index"], per_query["near_angle"], num_near
+        ),
     }
     return per_query, pooled, class_mates
+
+
+def _smallest_angles(near_index: np.ndarray, near_angle: np.ndarray, count: int) -> np.ndarray:
+    """The `count` smallest angles over distinct pairs, from each query's `count` most
+    similar others: the globally closest pairs are among them, since a pair left out of a
+    row's list has `count` closer pairs. A pair seen from both ends counts once."""
+    n = near_index.shape[0]
+    i = np.repeat(np.arange(n, dtype=np.int64), near_index.shape[1])
+    j = near_index.reshape(-1).astype(np.int64)
+    keep = j >= 0
+    pair = np.minimum(i, j)[keep] * n + np.maximum(i, j)[keep]
+    _, first = np.unique(pair, return_index=True)
+    return np.sort(near_angle.reshape(-1)[keep][first])[:count]
 
 
 def _rank_summary(per_query, class_mates):
@@ -312,8 +269,9 @@ def _angles(per_query, pooled):
     }
 
 
-def retrieval_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cosine",
-                      chunk: int = 1024) -> dict[str, Any]:
+def retrieval_metrics(
+    embeddings, labels, *, k_max: int = 10, metric: str = "cosine", chunk: int = 1024
+) -> dict[str, Any]:
     """All the paper's metrics in one chunked leave-one-out pass.
 
     Args:
@@ -333,27 +291,31 @@ def retrieval_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cos
     """
     embeddings, labels = _prepare(embeddings, labels)
     per_query, pooled, class_mates = _leave_one_out_stats(
-        embeddings, labels, metric=metric, k_max=k_max, chunk=chunk)
+        embeddings, labels, metric=metric, k_max=k_max, chunk=chunk
+    )
     dtkap_curve, tkrmd_curve, n_queries = _rank_summary(per_query, class_mates)
     result = {"DTkAP": dtkap_curve, "TkRMD": tkrmd_curve}
     for k in (1, 5, 10):
         if k <= len(dtkap_curve):
             result[f"DT{k}AP"] = dtkap_curve[k - 1]
             result[f"T{k}RMD"] = tkrmd_curve[k - 1]
-    result.update({
-        "CCDR": _ccdr(per_query),
-        "n_queries": n_queries,
-        "n_samples": int(labels.shape[0]),
-        "n_classes": int(labels.max()) + 1,
-        "metric": metric,
-        "k_max": len(dtkap_curve),
-    })
+    result.update(
+        {
+            "CCDR": _ccdr(per_query),
+            "n_queries": n_queries,
+            "n_samples": int(labels.shape[0]),
+            "n_classes": int(labels.max()) + 1,
+            "metric": metric,
+            "k_max": len(dtkap_curve),
+        }
+    )
     result.update(_angles(per_query, pooled))
     return result
 
 
-def per_query_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cosine",
-                      chunk: int = 1024) -> dict[str, np.ndarray]:
+def per_query_metrics(
+    embeddings, labels, *, k_max: int = 10, metric: str = "cosine", chunk: int = 1024
+) -> dict[str, np.ndarray]:
     """Per-query scores, to find the hard queries or to check one by hand.
 
     Returns numpy arrays: "DTkAP" float [N, k_max] (column k−1: DTkAP(i) at cut-off k,
@@ -362,13 +324,18 @@ def per_query_metrics(embeddings, labels, *, k_max: int = 10, metric: str = "cos
     """
     embeddings, labels = _prepare(embeddings, labels)
     per_query, _, class_mates = _leave_one_out_stats(
-        embeddings, labels, metric=metric, k_max=k_max, chunk=chunk)
-    return {"DTkAP": per_query["dtkap"], "match_in_top_k": per_query["hit"],
-            "class_mates": class_mates}
+        embeddings, labels, metric=metric, k_max=k_max, chunk=chunk
+    )
+    return {
+        "DTkAP": per_query["dtkap"],
+        "match_in_top_k": per_query["hit"],
+        "class_mates": class_mates,
+    }
 
 
-def paired_bootstrap(scores_a, scores_b, groups, *, samples: int = 10_000, level: float = 0.95,
-                     seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(
+    scores_a, scores_b, groups, *, samples: int = 10_000, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
     """How sure is "a beats b"? The mean per-query difference a − b with a percentile
     interval, resampling whole groups (individuals) with replacement.
 
@@ -382,7 +349,10 @@ def paired_bootstrap(scores_a, scores_b, groups, *, samples: int = 10_000, level
     """
     a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(groups) != a.shape[0]:
-        raise ValueError(f"need two score vectors and one group per query; got {a.shape}, {b.shape}, {len(groups)}")
+        raise ValueError(
+            "need two score vectors and one group per query; "
+            f"got {a.shape}, {b.shape}, {len(groups)}"
+        )
     if a.size == 0:
         raise ValueError("no queries to compare")
     _, group_of = np.unique(np.asarray(groups), return_inverse=True)
@@ -390,7 +360,9 @@ def paired_bootstrap(scores_a, scores_b, groups, *, samples: int = 10_000, level
     diff_sum = np.bincount(group_of, weights=a - b, minlength=n_groups)
     count = np.bincount(group_of, minlength=n_groups).astype(np.float64)
     # how often each group is drawn in each resample of n_groups draws with replacement
-    times = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=samples)
+    times = np.random.default_rng(seed).multinomial(
+        n_groups, np.full(n_groups, 1.0 / n_groups), size=samples
+    )
     means = (times @ diff_sum) / (times @ count)
     tail = (1.0 - level) / 2
     return {
@@ -405,59 +377,24 @@ def paired_bootstrap(scores_a, scores_b, groups, *, samples: int = 10_000, level
 # --- single metrics (same pass; convenient when only one number is wanted) ------------
 
 
-def dtkap(embeddings, labels, *, k: int = 5, metric: str = "cosine",
-          chunk: int = 1024) -> float:
+def dtkap(embeddings, labels, *, k: int = 5, metric: str = "cosine", chunk: int = 1024) -> float:
     """Mean DTkAP with k_max = k (0.0 when no query has a class-mate)."""
-    return retrieval_metrics(embeddings, labels, k_max=k, metric=metric,
-                             chunk=chunk)["DTkAP"][-1]
+    return retrieval_metrics(embeddings, labels, k_max=k, metric=metric, chunk=chunk)["DTkAP"][-1]
 
 
-def tkrmd(embeddings, labels, *, k_max: int = 10, metric: str = "cosine",
-          chunk: int = 1024) -> list[float]:
+def tkrmd(
+    embeddings, labels, *, k_max: int = 10, metric: str = "cosine", chunk: int = 1024
+) -> list[float]:
     """TkRMD for k = 1..k_max (all 0.0 when no query has a class-mate)."""
-    return retrieval_metrics(embeddings, labels, k_max=k_max, metric=metric,
-                             chunk=chunk)["TkRMD"]
+    return retrieval_metrics(embeddings, labels, k_max=k_max, metric=metric, chunk=chunk)["TkRMD"]
 
 
 def ccdr(embeddings, labels, *, metric: str = "cosine", chunk: int = 1024) -> float:
     """Mean per-query intra/inter distance ratio (NaN when no query has both)."""
-    return retrieval_metrics(embeddings, labels, k_max=1, metric=metric,
-                             chunk=chunk)["CCDR"]
+    return retrieval_metrics(embeddings, labels, k_max=1, metric=metric, chunk=chunk)["CCDR"]
 
 
 def angular_separation(embeddings, labels, *, chunk: int = 1024) -> dict[str, Any]:
     """Mean same-class and different-class angle (degrees), the 10 smallest angles."""
     result = retrieval_metrics(embeddings, labels, k_max=1, chunk=chunk)
-    return {key: result[key] for key in ("angle_same_mean", "angle_diff_mean",
-                                         "angles_smallest")}
-
-
-def nearest(embeddings, *, k: int = 5, metric: str = "cosine",
-            chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other samples of every sample: (indices [N, k], distances [N, k]).
-
-    Same ranking (and tie-break) as the metrics; for match lists and review pages.
-    """
-    _check_metric(metric)
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    n = embeddings.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 embeddings, got {n}")
-    k = min(int(k), n - 1)
-    chunk = max(1, min(int(chunk), n))
-    emb = jnp.asarray(embeddings)
-    out = [_nearest_chunk(jnp.arange(s, s + chunk, dtype=jnp.int32), emb, metric=metric,
-                          k=k) for s in range(0, n, chunk)]
-    idx = np.concatenate([np.asarray(i) for i, _ in out])[:n]
-    dist = np.concatenate([np.asarray(d) for _, d in out])[:n]
-    return idx, dist
-
-
-@functools.partial(jax.jit, static_argnames=("metric", "k"))
-def _nearest_chunk(query_index, embeddings, *, metric, k):
-    n = embeddings.shape[0]
-    q_index = jnp.minimum(query_index, n - 1)
-    dist, _ = _pairwise(embeddings[q_index], embeddings, metric)
-    is_self = jnp.arange(n)[None, :] == q_index[:, None]
-    scores, idx = jax.lax.top_k(jnp.where(is_self, -jnp.inf, _rank_scores(dist)), k)
-    return idx, -scores
+    return {key: result[key] for key in ("angle_same_mean", "angle_diff_mean", "angles_smallest")}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from leopard_jax import metrics
+from leopard_jax import distances, metrics, ranking
 
 K_MAX = 10
 
@@ -52,10 +52,12 @@ def ref_metrics(emb, labels, k_max, metric):
                 precisions = [sum(match[:j]) / j for j in range(1, k_i + 1)]
                 dtkap[k].append(sum(precisions) / k_i)
                 tkrmd[k].append(1.0 if any(match[:k]) else 0.0)
-        intra = [ref_distance(emb[i], emb[j], metric) for j in range(n)
-                 if j != i and labels[j] == labels[i]]
-        inter = [ref_distance(emb[i], emb[j], metric) for j in range(n)
-                 if labels[j] != labels[i]]
+        intra = [
+            ref_distance(emb[i], emb[j], metric)
+            for j in range(n)
+            if j != i and labels[j] == labels[i]
+        ]
+        inter = [ref_distance(emb[i], emb[j], metric) for j in range(n) if labels[j] != labels[i]]
         if intra and inter:
             ratios.append((sum(intra) / len(intra)) / (sum(inter) / len(inter)))
     same_angles, diff_angles, all_angles = [], [], []
@@ -133,7 +135,7 @@ def test_retrieval_metrics_match_reference(request, data, metric):
 
 def test_tied_data_really_has_ties(tied_data):
     emb, _ = tied_data
-    d = metrics.distance_matrix(emb)
+    d = distances.distance_matrix(emb)
     first_row = np.delete(d[0], 0)
     assert len(np.unique(first_row)) < len(first_row) // 3
 
@@ -152,37 +154,44 @@ def test_chunk_size_does_not_change_results(gaussian_data):
 def test_string_labels_equal_int_labels(gaussian_data):
     emb, labels = gaussian_data
     names = np.array([f"leopard_{v:03d}" for v in labels])
-    assert (metrics.retrieval_metrics(emb, names, chunk=8)
-            == metrics.retrieval_metrics(emb, labels, chunk=8))
+    assert metrics.retrieval_metrics(emb, names, chunk=8) == metrics.retrieval_metrics(
+        emb, labels, chunk=8
+    )
 
 
 def test_jax_input_equals_numpy_input(gaussian_data):
     emb, labels = gaussian_data
-    assert (metrics.retrieval_metrics(jnp.asarray(emb), jnp.asarray(labels), chunk=8)
-            == metrics.retrieval_metrics(emb, labels, chunk=8))
+    assert metrics.retrieval_metrics(
+        jnp.asarray(emb), jnp.asarray(labels), chunk=8
+    ) == metrics.retrieval_metrics(emb, labels, chunk=8)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_distance_matrix_matches_reference(gaussian_data, metric):
     emb, _ = gaussian_data
     emb = emb[:9]
-    ref = np.array([[ref_distance(a, b, metric) for b in emb.tolist()]
-                    for a in emb.tolist()])
-    got = metrics.distance_matrix(emb, metric=metric)
+    ref = np.array([[ref_distance(a, b, metric) for b in emb.tolist()] for a in emb.tolist()])
+    got = distances.distance_matrix(emb, metric=metric)
     off_diagonal = ~np.eye(len(emb), dtype=bool)
     np.testing.assert_allclose(got[off_diagonal], ref[off_diagonal], atol=2e-6)
     # Gram-matrix form: near-zero Euclidean distances are only good to ~sqrt(eps)·|x|.
     np.testing.assert_allclose(np.diag(got), 0.0, atol=1e-6 if metric == "cosine" else 3e-3)
 
 
-def test_nearest_follows_reference_ranking_with_ties(tied_data):
+def test_ranking_follows_the_metrics_reference_ranking_with_ties(tied_data):
+    """ranking.top_k (match lists, review candidates) ranks as the metrics do. ±1 vectors
+    have equal norms, so the dot product orders them as the cosine does, exactly."""
     emb, _ = tied_data
-    idx, dist = metrics.nearest(emb, k=6, chunk=8)
+    idx, score = ranking.top_k(
+        emb, emb, 6, exclude=ranking.same_row, query_block=8, gallery_block=16
+    )
+    dist = 1.0 - score / 6.0  # |x|² = 6
     for i in range(len(emb)):
         ranked = ref_ranking(emb.tolist(), i, "cosine")[:6]
         assert idx[i].tolist() == ranked
         np.testing.assert_allclose(
-            dist[i], [ref_distance(emb[i], emb[j], "cosine") for j in ranked], atol=2e-6)
+            dist[i], [ref_distance(emb[i], emb[j], "cosine") for j in ranked], atol=2e-6
+        )
 
 
 def test_single_metric_functions_agree_with_the_pass(gaussian_data):
@@ -207,11 +216,72 @@ def test_paper_worked_example_single_match_at_rank_four():
     DT5AP = (1/5)(0 + 0 + 0 + 1/4 + 1/5) = 0.09 and T5RMD = 1."""
     angles = [0, 10, 20, 30, 40, 50, 120, 130, 140, 150]
     labels = [0, 1, 2, 3, 0, 4, 0, 0, 0, 0]
-    per_query = metrics.per_query_metrics(np.array([unit(a) for a in angles]), labels,
-                                          k_max=5, chunk=8)
+    per_query = metrics.per_query_metrics(
+        np.array([unit(a) for a in angles]), labels, k_max=5, chunk=8
+    )
     assert per_query["class_mates"][0] == 5
     assert per_query["DTkAP"][0, 4] == pytest.approx(0.09, abs=1e-7)
     assert per_query["match_in_top_k"][0].tolist() == [False, False, False, True, True]
+
+
+# --- angles near 0° ----------------------------------------------------------------
+
+
+def ref_angle(a, b):
+    """float64 angle in degrees: atan2(|a × b|, a · b), |a × b|² by Lagrange's identity."""
+    a = np.asarray(a, np.float64) / np.linalg.norm(np.asarray(a, np.float64))
+    b = np.asarray(b, np.float64) / np.linalg.norm(np.asarray(b, np.float64))
+    dot = float(a @ b)
+    return math.degrees(math.atan2(math.sqrt(max(float((a @ a) * (b @ b)) - dot * dot, 0.0)), dot))
+
+
+def near_duplicates():
+    """Random 8-d rows plus: two exact copies of row 0 (three pairs at exactly 0°), row 1
+    scaled by 3 (same direction), row 2 turned by 0.001°, 0.01° and 0.1°."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(8, 8))
+    b = base[2] / np.linalg.norm(base[2])
+    u = rng.normal(size=8)
+    u -= (u @ b) * b
+    u /= np.linalg.norm(u)
+    turned = [np.cos(np.radians(t)) * b + np.sin(np.radians(t)) * u for t in (1e-3, 1e-2, 0.1)]
+    emb = np.vstack([base, base[0], base[0], 3 * base[1], *turned]).astype(np.float32)
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 1, 2, 2, 3]
+    return emb, labels
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_angles_of_duplicates_and_near_duplicates_match_float64(metric):
+    emb, labels = near_duplicates()
+    n = len(emb)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    angle = {p: ref_angle(emb[p[0]], emb[p[1]]) for p in pairs}
+    same = [angle[i, j] for i, j in pairs if labels[i] == labels[j]]
+    diff = [angle[i, j] for i, j in pairs if labels[i] != labels[j]]
+    got = metrics.retrieval_metrics(emb, labels, metric=metric, chunk=5)
+    assert got["angles_smallest"][:3] == [0.0, 0.0, 0.0]  # the exact copies
+    np.testing.assert_allclose(got["angles_smallest"], sorted(angle.values())[:10], atol=1e-4)
+    assert 0.0005 < got["angles_smallest"][4] < 0.0015  # 0.001°, not arccos noise (~0.03°)
+    np.testing.assert_allclose(got["angle_same_mean"], np.mean(same), atol=1e-4)
+    np.testing.assert_allclose(got["angle_diff_mean"], np.mean(diff), atol=1e-4)
+
+
+def test_angle_degrees_is_stable_at_0_and_180_degrees():
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(6, 5))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b = np.array(
+        [a[0], a[1] + 1e-6 * rng.normal(size=5), -a[2], rng.normal(size=5), a[4], np.zeros(5)]
+    )
+    b[1:4] /= np.linalg.norm(b[1:4], axis=1, keepdims=True)
+    a[5] = 0.0
+    got = np.asarray(
+        distances.angle_degrees(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    )
+    want = [ref_angle(x, y) for x, y in zip(a[:5].astype(np.float32), b[:5].astype(np.float32))]
+    assert got[0] == 0.0 and got[4] == 0.0 and got[5] == 90.0  # bit-equal rows; both zero
+    np.testing.assert_allclose(got[:5], want, atol=1e-4)
+    assert abs(got[2] - 180.0) < 1e-4
 
 
 # --- edge cases ---------------------------------------------------------------------
@@ -248,7 +318,9 @@ def test_collapsed_embeddings_give_nan_ccdr_not_rounding_noise():
     ±1e-7 noise, so the ratio is undefined; it used to read as −1.8e5."""
     direction = np.random.default_rng(5).normal(size=16).astype(np.float32)
     scales = np.linspace(0.5, 2.0, 12, dtype=np.float32)[:, None]
-    got = metrics.retrieval_metrics(scales * direction, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], k_max=5)
+    got = metrics.retrieval_metrics(
+        scales * direction, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], k_max=5
+    )
     assert math.isnan(got["CCDR"])
     # One distinct class keeps the ratio defined for its own queries, and non-negative.
     emb = scales * direction
@@ -257,12 +329,15 @@ def test_collapsed_embeddings_give_nan_ccdr_not_rounding_noise():
     assert math.isfinite(got["CCDR"]) and got["CCDR"] >= 0
 
 
-@pytest.mark.parametrize("emb, labels, message", [
-    (np.zeros((3, 2)), [0, 1], "3 embeddings but 2 labels"),
-    (np.zeros((1, 2)), [0], "at least 2"),
-    (np.zeros(4), [0, 1, 2, 3], r"\[N, D\]"),
-    (np.array([[0.0, np.nan], [1.0, 0.0]]), [0, 0], "NaN"),
-])
+@pytest.mark.parametrize(
+    "emb, labels, message",
+    [
+        (np.zeros((3, 2)), [0, 1], "3 embeddings but 2 labels"),
+        (np.zeros((1, 2)), [0], "at least 2"),
+        (np.zeros(4), [0, 1, 2, 3], r"\[N, D\]"),
+        (np.array([[0.0, np.nan], [1.0, 0.0]]), [0, 0], "NaN"),
+    ],
+)
 def test_bad_input_raises_clear_error(emb, labels, message):
     with pytest.raises(ValueError, match=message):
         metrics.retrieval_metrics(emb, labels)
@@ -278,7 +353,6 @@ def test_unknown_metric_raises():
 batch_dtkap = jax.jit(metrics.batch_dtkap, static_argnames=("k", "metric"))
 
 
-
 def test_batch_dtkap_matches_reference_and_ignores_padding(gaussian_data):
     emb, labels = gaussian_data
     emb, labels = emb[:20], labels[:20].copy()
@@ -288,7 +362,8 @@ def test_batch_dtkap_matches_reference_and_ignores_padding(gaussian_data):
     padded_labels = np.concatenate([labels, [-1] * 4, labels[4:6]])
     mask = np.array([True] * 24 + [False] * 2)
     got = batch_dtkap(
-        jnp.asarray(padded_emb), jnp.asarray(padded_labels), k=5, mask=jnp.asarray(mask))
+        jnp.asarray(padded_emb), jnp.asarray(padded_labels), k=5, mask=jnp.asarray(mask)
+    )
     np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
@@ -296,8 +371,7 @@ def test_batch_dtkap_is_zero_without_class_mates():
     labels = np.arange(26)
     labels[3] = -1
     labels[5] = 3  # a class-mate of a padding row only
-    got = batch_dtkap(jnp.ones((26, 6)), jnp.asarray(labels), k=5,
-                      mask=jnp.ones(26, bool))
+    got = batch_dtkap(jnp.ones((26, 6)), jnp.asarray(labels), k=5, mask=jnp.ones(26, bool))
     assert float(got) == 0.0
 
 
@@ -306,7 +380,7 @@ def test_batch_dtkap_is_zero_without_class_mates():
 
 def test_arccos_degrees_is_accurate():
     cos = np.concatenate([np.linspace(-1.0, 1.0, 200_001), [-1.0, -0.0, 0.0, 1.0]])
-    got = np.asarray(metrics.arccos_degrees(jnp.asarray(cos, jnp.float32)), np.float64)
+    got = np.asarray(distances.arccos_degrees(jnp.asarray(cos, jnp.float32)), np.float64)
     exact = np.degrees(np.arccos(cos.astype(np.float32).astype(np.float64)))
     assert np.max(np.abs(got - exact)) < 1e-3
 
@@ -336,7 +410,9 @@ def test_paired_bootstrap_weights_queries_equally():
     assert got["diff"] == 0.25 and got["high"] == 1.0 and got["low"] == 0.0
 
 
-@pytest.mark.parametrize("a, b, groups", [([1.0], [1.0, 2.0], [0]), ([1.0, 2.0], [1.0, 2.0], [0]), ([], [], [])])
+@pytest.mark.parametrize(
+    "a, b, groups", [([1.0], [1.0, 2.0], [0]), ([1.0, 2.0], [1.0, 2.0], [0]), ([], [], [])]
+)
 def test_paired_bootstrap_rejects_mismatched_input(a, b, groups):
     with pytest.raises(ValueError):
         metrics.paired_bootstrap(a, b, groups)
