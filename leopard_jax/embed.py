@@ -1,68 +1,66 @@
 """Embed every record of a dataset directory with an exported model -> `embeddings.npz`.
 
-    python -m leopard_jax.embed --checkpoint WORKDIR_OR_MODEL_DIR --data DATASET_DIR \
+    python -m leopard_jax.embed --checkpoint WORKDIR_OR_MODEL_DIR --data DATASET_DIR \\
         --out embeddings.npz [--batch-size 32] [--update] [--dtype float32|bfloat16]
 
-The forward pass is jitted once for a fixed batch; the last batch is padded, so a dataset
-of any size costs one compilation. `--update` embeds only records whose key is not yet in
-the file and appends them, after checking that the file was made by the same weights
-(a SHA-1 fingerprint of the variables) — mixing two models' embeddings in one file would
-make every similarity between them meaningless.
+The images go through the one embed path (`inference.embed_images`: jitted, sharded over
+the local devices, compiled once for a dataset of any size). `--update` embeds only records
+whose key is not yet in the file and appends them, after checking that the file was made by
+the same weights (a SHA-1 fingerprint of the variables): mixing two models' embeddings in
+one file would make every similarity between them meaningless.
 
-Library use (trainer, demo): `embed_records(make_apply(model), variables, images)` for a
-model in memory, `embed_dataset(checkpoint, dataset_dir)` for an exported one.
+Library use: `embed_dataset(checkpoint, dataset_dir)` for an exported model; a model in
+memory goes straight to `inference.embed_images`.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import functools
 import hashlib
 import importlib.metadata
-import json
 import pathlib
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from leopard_jax import embeddings_io, model_io
+from leopard_jax import cli, embeddings_io, inference, model_io, models
 from leopard_jax.data import records
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = tuple(models.DTYPES)  # the model package owns the precision names
+
+FLAGS = flags.FlagValues()
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "training workdir (its best_model/) or model dir (e.g. from leopard_jax.models.convert)",
+    flag_values=FLAGS,
+    required=True,
+)
+_DATA = flags.DEFINE_string(
+    "data", None, "dataset dir written by leopard_jax.preprocess", flag_values=FLAGS, required=True
+)
+_OUT = flags.DEFINE_string("out", None, "output .npz", flag_values=FLAGS, required=True)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch-size", 32, "images per forward pass", lower_bound=1, flag_values=FLAGS
+)
+_UPDATE = flags.DEFINE_boolean(
+    "update",
+    False,
+    "embed only records whose key is not in --out yet, and append them",
+    flag_values=FLAGS,
+)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "compute precision", flag_values=FLAGS)
+_NO_PROGRESS = flags.DEFINE_boolean("no-progress", False, "no progress bar", flag_values=FLAGS)
 
 
 class EmbedError(ValueError):
     """Inputs that do not fit together; the message names the files and the fix."""
 
 
-# --------------------------------------------------------------------------- model
-
-
-def build_model(description: dict[str, Any], dtype: str = "float32"):
-    """The EmbeddingModel described by model.json, computing in `dtype`."""
-    import jax.numpy as jnp
-
-    from leopard_jax.models.embedding import EmbeddingModel
-
-    kwargs = {k: v for k, v in description["model"].items() if k not in ("dtype", "drop_path_rate")}
-    try:
-        return EmbeddingModel(**kwargs, dtype=jnp.dtype(dtype))
-    except TypeError as e:
-        raise EmbedError(f"model.json describes {sorted(kwargs)}, which this leopard_jax cannot build ({e}); "
-                         "upgrade leopard_jax or re-export the model") from e
-
-
-@functools.lru_cache(maxsize=8)
-def make_apply(model) -> Callable:
-    """jit(variables, images [B,H,W,C] float32) -> [B, D] embeddings, cached per model so
-    repeated calls (trainer evaluation each epoch) reuse one compilation."""
-    import jax
-
-    return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+# --------------------------------------------------------------------------- inputs
 
 
 def fingerprint(variables: Any) -> str:
@@ -79,109 +77,60 @@ def fingerprint(variables: Any) -> str:
     return digest.hexdigest()
 
 
-def check_input(description: dict[str, Any], settings: dict[str, Any], model_dir, dataset_dir) -> None:
+def check_input(
+    description: dict[str, Any], settings: dict[str, Any], model_dir, dataset_dir
+) -> None:
     """The dataset's records must have the size and channels the model was made for."""
     want = description.get("input", {})
     have_hw = (int(settings["height"]), int(settings["width"]))
     want_hw = (int(want.get("height", have_hw[0])), int(want.get("width", have_hw[1])))
     if have_hw != want_hw:
         raise EmbedError(
-            f"{dataset_dir}: records are {have_hw[0]}x{have_hw[1]} (HxW) but the model in {model_dir} expects "
-            f"{want_hw[0]}x{want_hw[1]}; re-run preprocess with --height {want_hw[0]} --width {want_hw[1]} "
-            "into a new folder, or use a model made for this size")
+            f"{dataset_dir}: records are {have_hw[0]}x{have_hw[1]} (HxW) but the model in "
+            f"{model_dir} expects {want_hw[0]}x{want_hw[1]}; re-run "
+            "`python -m leopard_jax.preprocess` "
+            f"with --config.render.height={want_hw[0]} --config.render.width={want_hw[1]} "
+            "into a new folder, or use a model made for this size"
+        )
     in_chans = description["model"].get("in_chans")
     if in_chans is not None and int(in_chans) != int(settings["channels"]):
-        raise EmbedError(f"{dataset_dir}: records have {settings['channels']} channels but the model in {model_dir} "
-                         f"takes {in_chans}; use a model made for {settings['channels']}-channel input")
+        raise EmbedError(
+            f"{dataset_dir}: records have {settings['channels']} channels but the model in "
+            f"{model_dir} takes {in_chans}; use a model made for "
+            f"{settings['channels']}-channel input"
+        )
 
 
-# --------------------------------------------------------------------------- embedding
-
-
-def embed_records(apply_fn: Callable, variables: Any, images: Sequence[np.ndarray], *, batch_size: int = 32,
-                  progress: bool = False) -> np.ndarray:
-    """uint8 H×W×4 images (e.g. a RecordSource) -> float32 [N, D] embeddings, in order.
-
-    Fixed batch shape (the last batch zero-padded, its extra rows dropped) so `apply_fn`
-    compiles once; the next batch is read and normalised while the device works on this one.
-    """
-    from leopard_jax.data.augment import normalize
-
-    n = len(images)
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    bar = Progress(n) if progress else None
-
-    def host_batch(start: int) -> np.ndarray:
-        batch = normalize(np.stack([images[i] for i in range(start, min(start + batch_size, n))]))
-        if len(batch) < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        return batch
-
-    out, pending = [], None
-    for start in range(0, n, batch_size):
-        result = apply_fn(variables, host_batch(start))  # dispatched asynchronously
-        if pending is not None:
-            out.append(np.asarray(pending[1])[: pending[0]])
-            if bar:
-                bar.update(sum(len(o) for o in out))
-        pending = (min(batch_size, n - start), result)
-    out.append(np.asarray(pending[1])[: pending[0]])
-    if bar:
-        bar.update(n)
-        bar.close()
-    return np.concatenate(out).astype(np.float32)
-
-
-def load_checkpoint(checkpoint: str | pathlib.Path) -> tuple[pathlib.Path, dict[str, Any], Any]:
-    """(model dir, description, variables) for a model dir or a training workdir."""
-    model_dir = model_io.resolve_model_dir(checkpoint).absolute()
-    description, variables = model_io.load_model(model_dir)
-    return model_dir, description, variables
-
-
-def embed_dataset(checkpoint: str | pathlib.Path, dataset_dir: str | pathlib.Path, *, batch_size: int = 32,
-                  dtype: str = "float32", rows: Sequence[dict[str, str]] | None = None,
-                  progress: bool = False) -> np.ndarray:
-    """float32 [N, D] embeddings of `rows` (default: all manifest rows) of a dataset with
-    an exported model (model dir or training workdir)."""
-    model_dir, description, variables = load_checkpoint(checkpoint)
-    check_input(description, records.load_settings(dataset_dir), model_dir, dataset_dir)
+def embed_rows(
+    model, variables: Any, dataset_dir, rows, *, batch_size: int, progress: bool
+) -> np.ndarray:
+    """float32 [N, D] embeddings of `rows` (None: every manifest row) of a dataset."""
     source = records.RecordSource(dataset_dir, rows)
     try:
-        return embed_records(make_apply(build_model(description, dtype)), variables, source,
-                             batch_size=batch_size, progress=progress)
+        return inference.embed_images(
+            model, variables, source, batch_size=batch_size, progress=progress
+        )
     finally:
         source.close()
 
 
-class Progress:
-    """One-line progress bar on stderr with images/s (no tqdm dependency). The rate leaves
-    out the first update, which carries the one-off compilation."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.start = time.perf_counter()
-        self.first: tuple[int, float] | None = None
-
-    def rate(self, done: int) -> float:
-        now = time.perf_counter()
-        if self.first is None or done <= self.first[0]:
-            return done / max(now - self.start, 1e-9)
-        return (done - self.first[0]) / max(now - self.first[1], 1e-9)
-
-    def update(self, done: int) -> None:
-        rate = self.rate(done)
-        if self.first is None:
-            self.first = (done, time.perf_counter())
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        self.stream.write(f"\rembed [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {rate:.1f} img/s")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+def embed_dataset(
+    checkpoint: str | pathlib.Path,
+    dataset_dir: str | pathlib.Path,
+    *,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    rows: Sequence[dict[str, str]] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """float32 [N, D] embeddings of `rows` (default: all manifest rows) of a dataset with
+    an exported model (model dir or training workdir)."""
+    model_dir = model_io.resolve_model_dir(checkpoint).absolute()
+    description = model_io.read_description(model_dir)
+    check_input(description, records.load_settings(dataset_dir), model_dir, dataset_dir)
+    _, variables = model_io.load_model(model_dir)
+    model = model_io.build_model(description, dtype)
+    return embed_rows(model, variables, dataset_dir, rows, batch_size=batch_size, progress=progress)
 
 
 # --------------------------------------------------------------------------- the file
@@ -194,7 +143,9 @@ def version() -> str:
         return "unknown"
 
 
-def make_meta(model_dir, description, weights_sha1: str, dtype: str, settings, dataset_dir) -> dict[str, Any]:
+def make_meta(
+    model_dir, description, weights_sha1: str, dtype: str, settings, dataset_dir
+) -> dict[str, Any]:
     return {
         "model": description,
         "checkpoint": str(model_dir),
@@ -204,7 +155,7 @@ def make_meta(model_dir, description, weights_sha1: str, dtype: str, settings, d
         "preprocessing": settings,
         "dataset": str(pathlib.Path(dataset_dir).absolute()),
         "version": version(),
-        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -213,12 +164,16 @@ def check_same_model(existing: embeddings_io.Embeddings, meta: dict[str, Any], o
     old = existing.meta
     if old.get("model_fingerprint") != meta["model_fingerprint"]:
         raise EmbedError(
-            f"{out}: made by a different model ({old.get('checkpoint', 'unknown checkpoint')}, weights "
-            f"{str(old.get('model_fingerprint'))[:10]}) than {meta['checkpoint']} (weights "
-            f"{meta['model_fingerprint'][:10]}); write to a new --out, or drop --update to re-embed everything")
+            f"{out}: made by a different model ({old.get('checkpoint', 'unknown checkpoint')}, "
+            f"weights {str(old.get('model_fingerprint'))[:10]}) than {meta['checkpoint']} "
+            f"(weights {meta['model_fingerprint'][:10]}); write to a new --out, or drop --update "
+            "to re-embed everything"
+        )
     if old.get("dtype", "float32") != meta["dtype"]:
-        raise EmbedError(f"{out}: was embedded with --dtype {old.get('dtype')}; pass --dtype {old.get('dtype')} "
-                         "to append to it, or drop --update to re-embed everything")
+        raise EmbedError(
+            f"{out}: was embedded with --dtype {old.get('dtype')}; pass --dtype {old.get('dtype')} "
+            "to append to it, or drop --update to re-embed everything"
+        )
 
 
 def rows_to_columns(rows: Sequence[dict[str, str]], dataset_dir) -> dict[str, list[str]]:
@@ -233,8 +188,20 @@ def rows_to_columns(rows: Sequence[dict[str, str]], dataset_dir) -> dict[str, li
     }
 
 
-def run(checkpoint, dataset_dir, out, *, batch_size: int = 32, update: bool = False, dtype: str = "float32",
-        progress: bool = True, log=print) -> embeddings_io.Embeddings:
+# --------------------------------------------------------------------------- the command
+
+
+def run(
+    checkpoint,
+    dataset_dir,
+    out,
+    *,
+    batch_size: int = 32,
+    update: bool = False,
+    dtype: str = "float32",
+    progress: bool = True,
+    log=print,
+) -> embeddings_io.Embeddings:
     """The command: embed the dataset (or, with `update`, its new records) into `out`."""
     if batch_size < 1:
         raise EmbedError(f"--batch-size must be at least 1, got {batch_size}")
@@ -243,37 +210,43 @@ def run(checkpoint, dataset_dir, out, *, batch_size: int = 32, update: bool = Fa
     settings = records.load_settings(dataset_dir)
     rows = records.read_manifest(dataset_dir)
     if not rows:
-        raise EmbedError(f"{dataset_dir}: no records (no committed shards in {dataset_dir}/shards); "
-                         "run `python -m leopard_jax.preprocess` into it first")
+        raise EmbedError(
+            f"{dataset_dir}: no records (no committed shards in {dataset_dir}/shards); "
+            "run `python -m leopard_jax.preprocess` into it first"
+        )
     keys = [r["key"] for r in rows]
     if len(set(keys)) != len(keys):
-        raise EmbedError(f"{dataset_dir}: duplicate record keys; re-run preprocess into a new folder")
+        raise EmbedError(
+            f"{dataset_dir}: duplicate record keys; re-run preprocess into a new folder"
+        )
     model_dir = model_io.resolve_model_dir(checkpoint).absolute()
-    description = json.loads((model_dir / model_io.MODEL_FILE).read_text())
+    description = model_io.read_description(model_dir)
     check_input(description, settings, model_dir, dataset_dir)  # before the (slow) weight load
 
     existing = None
     if update and pathlib.Path(out).exists():
         existing = embeddings_io.read(out)
-    _, _, variables = load_checkpoint(model_dir)
+    _, variables = model_io.load_model(model_dir)
     meta = make_meta(model_dir, description, fingerprint(variables), dtype, settings, dataset_dir)
     if existing is not None:
         check_same_model(existing, meta, out)
         known = set(existing.keys.tolist())
         rows = [r for r in rows if r["key"] not in known]
         if not rows:
-            log(f"nothing new in {dataset_dir}: all {len(keys)} records are already in {out}; left unchanged")
+            log(
+                f"nothing new in {dataset_dir}: all {len(keys)} records are already in {out}; "
+                "left unchanged"
+            )
             return existing
 
-    source = records.RecordSource(dataset_dir, rows)
-    try:
-        vectors = embed_records(make_apply(build_model(description, dtype)), variables, source,
-                                batch_size=batch_size, progress=progress)
-    finally:
-        source.close()
+    model = model_io.build_model(description, dtype)
+    vectors = embed_rows(
+        model, variables, dataset_dir, rows, batch_size=batch_size, progress=progress
+    )
     new = embeddings_io.make(vectors, meta=meta, **rows_to_columns(rows, dataset_dir))
     if existing is not None:
-        meta["datasets"] = sorted(set(existing.meta.get("datasets", [existing.meta.get("dataset")])) | {meta["dataset"]})
+        datasets = set(existing.meta.get("datasets", [existing.meta.get("dataset")]))
+        meta["datasets"] = sorted(datasets | {meta["dataset"]})
         new = embeddings_io.concat(existing, new, meta=meta)
     embeddings_io.write(out, new)
     kept = len(existing) if existing is not None else 0
@@ -281,25 +254,28 @@ def run(checkpoint, dataset_dir, out, *, batch_size: int = 32, update: bool = Fa
     return new
 
 
+def command(argv: list[str]) -> None:
+    if argv:
+        raise cli.CommandError(f"unexpected arguments {argv}; every setting is a flag, see --help")
+    run(
+        _CHECKPOINT.value,
+        _DATA.value,
+        _OUT.value,
+        batch_size=_BATCH_SIZE.value,
+        update=_UPDATE.value,
+        dtype=_DTYPE.value,
+        progress=not _NO_PROGRESS.value,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m leopard_jax.embed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="training workdir (its best_model/) or model dir (e.g. from leopard_jax.models.convert)")
-    parser.add_argument("--data", required=True, help="dataset dir written by leopard_jax.preprocess")
-    parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--update", action="store_true",
-                        help="embed only records whose key is not in --out yet, and append them")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute precision (default float32)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        run(args.checkpoint, args.data, args.out, batch_size=args.batch_size, update=args.update,
-            dtype=args.dtype, progress=not args.no_progress)
-    except (EmbedError, embeddings_io.EmbeddingsFileError, records.DatasetError, model_io.ModelDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    errors = (
+        EmbedError,
+        embeddings_io.EmbeddingsFileError,
+        records.DatasetError,
+        model_io.ModelDirError,
+    )
+    return cli.run(FLAGS, command, argv, errors=errors, prog="python -m leopard_jax.embed")
 
 
 if __name__ == "__main__":

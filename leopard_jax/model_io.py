@@ -8,6 +8,9 @@ Why a separate format from training checkpoints: embedding needs the weights and
 description only, not optimiser state or the class centres, and an imported spotID model
 has no training run behind it. A training workdir exports its best model here
 (`WORKDIR/best_model`), so `embed --checkpoint` accepts a workdir or a model dir alike.
+
+This module is the only reader and writer of that directory: `save_model` (train, convert),
+`read_description` / `load_model` and `build_model` (embed).
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ def _local_checkpointer():
 
     me = jax.process_index()
     return ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        )
+    )
 
 
-def save_model(model_dir: str | os.PathLike, variables: dict[str, Any], description: dict[str, Any]) -> None:
+def save_model(
+    model_dir: str | os.PathLike, variables: dict[str, Any], description: dict[str, Any]
+) -> None:
     """Write variables + description; replaces an existing export atomically enough that a
     crash leaves either the old or the new model (written aside, then renamed)."""
     import jax
@@ -75,10 +83,31 @@ def resolve_model_dir(path: str | os.PathLike) -> pathlib.Path:
     )
 
 
+def read_description(path: str | os.PathLike) -> dict[str, Any]:
+    """model.json alone: cheap, so inputs can be checked before the (slow) weight load."""
+    return json.loads((resolve_model_dir(path) / MODEL_FILE).read_text())
+
+
 def load_model(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(description, variables) with numpy leaves."""
     model_dir = resolve_model_dir(path).absolute()
-    description = json.loads((model_dir / MODEL_FILE).read_text())
+    description = read_description(model_dir)
     with _local_checkpointer() as ckptr:
         variables = ckptr.restore(model_dir / VARIABLES_DIR)
     return description, variables
+
+
+def build_model(description: dict[str, Any], dtype: str = "float32"):
+    """The EmbeddingModel that model.json describes, for inference in `dtype`."""
+    import jax.numpy as jnp
+
+    from leopard_jax.models.embedding import EmbeddingModel
+
+    kwargs = {k: v for k, v in description["model"].items() if k not in ("dtype", "drop_path_rate")}
+    try:
+        return EmbeddingModel(**kwargs, dtype=jnp.dtype(dtype))
+    except TypeError as e:
+        raise ModelDirError(
+            f"model.json describes {sorted(kwargs)}, which this leopard_jax cannot build ({e}); "
+            "upgrade leopard_jax or re-export the model"
+        ) from e

@@ -1,7 +1,8 @@
 """Throughput of leopard_jax against a PyTorch/cv2 reference, measured in one process run.
 
-    python scripts/bench.py [train|embed|data|preprocess|all] [--batch B] [--size H W]
+    python scripts/bench.py [train|embed|data|preprocess|all] [--batch B] [--size H,W]
         [--json OUT] [--device cpu|gpu] [--dtype float32|bfloat16] [--steps N]
+        [--u2netp U2NETP.onnx] [--yolox YOLOX_NANO.onnx]
 
 For each part both sides run in this process, alternating (leopard_jax k steps, reference
 k steps, repeat) after warm-up, so a machine that is busy or throttles hurts both alike.
@@ -16,13 +17,17 @@ the reason printed. What each reference is, is written in its row (`reference` f
                 eager, torch threads = the cores JAX sees (bf16: autocast on fp32 weights)
   data          a torch DataLoader over the same records and epoch table, same per-image code
   preprocess    the same step the spotID way: plain cv2 per image, rembg.remove
-`--device gpu` runs both frameworks on the first GPU (TF32 for float32, as each does by
-default on Ampere+); it stops with one line when JAX or torch sees no GPU.
+leopard_jax's side is its own code: `train.steps.train_step` on the state `train.state`
+builds from `configs/default.py`, and `inference.embed_images`, the path `embed` and the
+trainer's evaluation use. All inputs are made here (random batches and records, photos from
+`leopard_jax.data.synthetic`); the rembg and detector stages run only on the ONNX files
+passed with --u2netp / --yolox. `--device gpu` runs both frameworks on the first GPU (TF32
+for float32, as each does by default on Ampere+); it stops with one line when JAX or torch
+sees no GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,6 +42,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(_HERE.parent))
+
+from leopard_jax import cli  # noqa: E402  (after the path: runs from a checkout too)
 
 PARTS = ("train", "embed", "data", "preprocess")
 # data: long rounds, because a loader's read-ahead (up to a few batches made while the last
@@ -54,13 +66,50 @@ TOLERANCE = {
     "data": {"images": 1e-4, "labels": 0},
 }
 
-_HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-sys.path.insert(0, str(_HERE.parent))
+FLAGS = flags.FlagValues()
+_BATCH = flags.DEFINE_integer("batch", 8, "images per step", lower_bound=1, flag_values=FLAGS)
+_SIZE = flags.DEFINE_list("size", ["256", "512"], "input H,W (each >= 32)", flag_values=FLAGS)
+_JSON = flags.DEFINE_string(
+    "json", None, "write the results here (after every part)", flag_values=FLAGS
+)
+_DEVICE = flags.DEFINE_enum(
+    "device", "cpu", ["cpu", "gpu"], "where both sides run", flag_values=FLAGS
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "compute precision", flag_values=FLAGS
+)
+_STEPS = flags.DEFINE_integer(
+    "steps",
+    None,
+    f"timed steps per side (default per part: {DEFAULT_STEPS})",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "alternations of the two sides", lower_bound=1, flag_values=FLAGS
+)
+_BACKBONE = flags.DEFINE_string(
+    "backbone",
+    "efficientnetv2_b2",
+    "model of both sides: a name in leopard_jax.models.BACKBONES",
+    flag_values=FLAGS,
+)
+_CLASSES = flags.DEFINE_integer(
+    "classes", NUM_CLASSES, "CosFace classes", lower_bound=1, flag_values=FLAGS
+)
+_THREADS = flags.DEFINE_integer(
+    "threads", 0, "torch threads (0: the cores JAX sees)", lower_bound=0, flag_values=FLAGS
+)
+_U2NETP = flags.DEFINE_string(
+    "u2netp", None, "u2netp .onnx: bench the rembg stage (skipped without)", flag_values=FLAGS
+)
+_YOLOX = flags.DEFINE_string(
+    "yolox", None, "YOLOX-Nano .onnx: bench the detect stage (skipped without)", flag_values=FLAGS
+)
 
 
 class BenchError(SystemExit):
-    """A bench that cannot run here (no CUDA, missing module); one line says why."""
+    """A bench that cannot run here (no CUDA, missing module, bad flag); one line says why."""
 
     def __init__(self, message: str):
         super().__init__(f"bench.py: {message}")
@@ -112,7 +161,7 @@ class RssSampler:
         self._label = label
         self.sample()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -125,7 +174,9 @@ def process_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_alternating(sides: list[Side], *, steps: int, rounds: int, warmup: int = 1) -> dict[str, dict]:
+def time_alternating(
+    sides: list[Side], *, steps: int, rounds: int, warmup: int = 1
+) -> dict[str, dict]:
     """Warm each side up, then `rounds` times run every side for steps/rounds steps in turn."""
     per_round = max(1, steps // rounds)
     with RssSampler() as rss:
@@ -171,7 +222,9 @@ def first_step_disagreement(ours: dict, ref: dict, tolerance: dict[str, float]) 
     for key in ("shape", "dtype", "out_shape"):
         if key in ours or key in ref:
             if ours.get(key) != ref.get(key):
-                reasons.append(f"{key} differs: leopard_jax {ours.get(key)} vs reference {ref.get(key)}")
+                reasons.append(
+                    f"{key} differs: leopard_jax {ours.get(key)} vs reference {ref.get(key)}"
+                )
     if "loss" in ours or "loss" in ref:
         a, b = ours.get("loss"), ref.get("loss")
         if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
@@ -188,13 +241,24 @@ def first_step_disagreement(ours: dict, ref: dict, tolerance: dict[str, float]) 
         if a is None or b is None or np.shape(a) != np.shape(b):
             reasons.append(f"{key} not comparable: shapes {np.shape(a)} vs {np.shape(b)}")
             continue
-        diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+        diff = float(
+            np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
+        )
         if not diff <= tolerance[key]:
             reasons.append(f"first {key} differ: max |diff| {diff:.3g} > {tolerance[key]:.0e}")
     return reasons
 
 
-def compare(part: str, ours: Side, ref: Side, check: list[str], cfg: "Config", *, note: str = "", warmup: int = 1) -> dict:
+def compare(
+    part: str,
+    ours: Side,
+    ref: Side,
+    check: list[str],
+    cfg: Config,
+    *,
+    note: str = "",
+    warmup: int = 1,
+) -> dict:
     """Time the two sides and build the part's result; the ratio only when `check` is empty."""
     steps = cfg.steps or DEFAULT_STEPS[part]
     rounds = min(cfg.rounds, steps)
@@ -231,9 +295,11 @@ class Config:
     num_classes: int = NUM_CLASSES
     threads: int = 0  # torch intra-op threads; 0 = the cores JAX sees
     seed: int = 0
+    u2netp: str | None = None  # ONNX files of the preprocess model stages; None: skipped
+    yolox: str | None = None
 
 
-def model_tolerance(cfg: "Config") -> dict[str, float]:
+def model_tolerance(cfg: Config) -> dict[str, float]:
     return TOLERANCE["tf32" if cfg.device == "gpu" and cfg.dtype == "float32" else cfg.dtype]
 
 
@@ -250,9 +316,15 @@ def setup_devices(cfg: Config) -> dict:
         try:
             jax_device = jax.devices("gpu")[0]
         except RuntimeError as e:
-            raise BenchError(f"--device gpu: JAX has no GPU backend ({e}); install jax with CUDA or use --device cpu")
+            raise BenchError(
+                f"--device gpu: JAX has no GPU backend ({e}); "
+                "install jax with CUDA or use --device cpu"
+            ) from e
         if not torch.cuda.is_available():
-            raise BenchError("--device gpu: torch.cuda.is_available() is False; install a CUDA torch or use --device cpu")
+            raise BenchError(
+                "--device gpu: torch.cuda.is_available() is False; "
+                "install a CUDA torch or use --device cpu"
+            )
         # Each framework's fast GPU float32: TF32 tensor cores (XLA's default on GPU, set here
         # for torch, whose matmul default is full fp32), cuDNN autotuning.
         torch.backends.cudnn.benchmark = True
@@ -267,6 +339,7 @@ def setup_devices(cfg: Config) -> dict:
     jax.config.update("jax_default_device", jax_device)
     return {
         "jax_device": str(jax_device),
+        "jax_local_devices": jax.local_device_count(),
         "torch_device": torch.cuda.get_device_name(0) if torch_device == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "cores": cores(),
@@ -275,17 +348,30 @@ def setup_devices(cfg: Config) -> dict:
     }
 
 
+def jax_device(cfg: Config):
+    """The one device the train part runs on (as `setup_devices` chose it)."""
+    import jax
+
+    return jax.devices(cfg.device)[0]
+
+
 def timm_name(backbone: str) -> str:
     """leopard_jax backbone names follow timm's `tf_` ports (TF 'same' padding, BN eps 1e-3)."""
     return backbone if backbone.startswith("resnet") else f"tf_{backbone}"
 
 
-def synthetic_batch(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed normalised-looking batch and labels (throughput does not depend on content)."""
+def synthetic_images(cfg: Config) -> np.ndarray:
+    """A fixed uint8 [B, H, W, 4] batch (throughput does not depend on content)."""
     rng = np.random.default_rng(cfg.seed)
-    images = rng.standard_normal((cfg.batch, cfg.height, cfg.width, 4)).astype(np.float32)
-    labels = rng.integers(0, cfg.num_classes, cfg.batch).astype(np.int32)
-    return images, labels
+    return rng.integers(0, 256, (cfg.batch, cfg.height, cfg.width, 4), dtype=np.uint8)
+
+
+def synthetic_batch(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """The training input: `synthetic_images` normalised as the loader does, and labels."""
+    from leopard_jax.data import augment
+
+    labels = np.random.default_rng(cfg.seed + 1).integers(0, cfg.num_classes, cfg.batch)
+    return augment.normalize(synthetic_images(cfg)), labels.astype(np.int32)
 
 
 # ---------------------------------------------------------------- train and embed
@@ -302,7 +388,10 @@ class Models:
 
 def build_models(cfg: Config) -> Models:
     import bench_reference_torch as ref
-    torch_model = ref.build(backbone=timm_name(cfg.backbone), dims=cfg.dims, device="cpu", seed=cfg.seed)
+
+    torch_model = ref.build(
+        backbone=timm_name(cfg.backbone), dims=cfg.dims, device="cpu", seed=cfg.seed
+    )
     variables = torch_to_flax(torch_model)
     centers = ref.init_centers(cfg.num_classes, cfg.dims, cfg.seed)
     torch_model.to("cuda" if cfg.device == "gpu" else "cpu")
@@ -328,9 +417,10 @@ def _torch_dtype(name: str):
 def train_config(cfg: Config):
     """configs/default.py (the paper's setting) with the bench's model; drop-path off,
     because two random drop masks would make the first losses differ."""
-    from leopard_jax.config import load_config
+    from configs import default
 
-    config = load_config(str(_HERE.parent / "configs" / "x"), "default.py")
+    config = default.get_config()
+    config.seed = cfg.seed
     config.model.backbone = cfg.backbone
     config.model.head = "spotid"
     config.model.dims = cfg.dims
@@ -340,48 +430,54 @@ def train_config(cfg: Config):
 
 
 class JaxTrain:
-    """leopard_jax's own training step (`train_step.train_step`, pmapped as `train.py` does,
-    on one device), compiled once; `side()` starts from the converted weights each time."""
+    """leopard_jax's own training step (`train.steps.train_step`, pmapped over
+    `parallel.AXIS` as the loop does, on one device), compiled once; each `side()` starts
+    from the state `train.state.init_state` makes of the converted weights."""
 
     def __init__(self, models: Models, cfg: Config, images: np.ndarray, labels: np.ndarray):
         import functools
 
         import jax
+        import jax.numpy as jnp
 
-        from leopard_jax import train_step as ts
+        from leopard_jax import parallel
+        from leopard_jax.train import state as state_lib
+        from leopard_jax.train import steps
 
-        self.models, self.cfg = models, cfg
-        self.config = train_config(cfg)
-        self.model = ts.build_model(self.config.model)
-        self.tx = ts.make_optimizer(self.config, steps_per_epoch=1000)
+        self.cfg, self.config = cfg, train_config(cfg)
+        self.devices = [jax_device(cfg)]
+        self.model = state_lib.build_model(self.config.model)
+        self.tx = state_lib.make_optimizer(self.config, steps_per_epoch=1000)
+        state = state_lib.init_state(
+            self.config,
+            self.model,
+            num_classes=cfg.num_classes,
+            input_shape=images.shape[1:],
+            tx=self.tx,
+            init_variables=models.variables,
+        )
+        params = {**state.params, "centers": jnp.asarray(models.centers)}  # torch's centres
+        self.initial = jax.device_get(state.replace(params=params, opt_state=self.tx.init(params)))
+        # One device: its share of the batch is the whole batch.
         batch = {"image": images, "label": labels, "mask": np.ones(len(labels), bool)}
-        self.batch = _replicate(batch)
-        self.epoch = _replicate(np.int32(0))
+        self.batch = parallel.replicate(batch, self.devices)
+        self.epoch = parallel.replicate(np.int32(0), self.devices)
         p_train = jax.pmap(
-            functools.partial(ts.train_step, model=self.model, tx=self.tx, loss_config=self.config.loss),
-            axis_name=ts.AXIS,
+            functools.partial(
+                steps.train_step, model=self.model, tx=self.tx, loss_config=self.config.loss
+            ),
+            axis_name=parallel.AXIS,
             donate_argnums=(0,),
+            devices=self.devices,
         )
         start = time.perf_counter()
         self.compiled = p_train.lower(self.fresh_state(), self.batch, self.epoch).compile()
         self.compile_s = time.perf_counter() - start
 
     def fresh_state(self):
-        import jax
-        import jax.numpy as jnp
+        from leopard_jax import parallel
 
-        from leopard_jax import train_step as ts
-
-        params = {"model": self.models.variables["params"], "centers": self.models.centers}
-        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-        state = ts.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=self.models.variables["batch_stats"],
-            opt_state=self.tx.init(params),
-            rng=jax.random.PRNGKey(self.cfg.seed),
-        )
-        return _replicate(state)
+        return parallel.replicate(self.initial, self.devices)
 
     def side(self) -> tuple[Side, dict]:
         state, logs = self.compiled(self.fresh_state(), self.batch, self.epoch)
@@ -397,24 +493,21 @@ class JaxTrain:
             holder[0], logs = self.compiled(holder[0], self.batch, self.epoch)
             logs["loss"].block_until_ready()
 
-        what = "leopard_jax train_step.train_step (pmap, 1 device): EmbeddingModel + cosface_loss + Adam"
+        what = (
+            "leopard_jax train.steps.train_step (pmap, 1 device): "
+            "EmbeddingModel + cosface_loss + Adam"
+        )
         return Side("leopard_jax", step, self.cfg.batch, self.compile_s, what), first
 
 
-def _replicate(tree):
-    """Add the leading device axis of a one-device pmap, placed on the default device."""
-    import jax
-
-    return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[None]), tree)
-
-
-def torch_train_side(models: Models, cfg: Config, images: np.ndarray, labels: np.ndarray, *, adaptive: bool = True) -> tuple[Side, dict]:
+def torch_train_side(
+    models: Models, cfg: Config, images: np.ndarray, labels: np.ndarray, *, adaptive: bool = True
+) -> tuple[Side, dict]:
     """The reference training step from the same weights (a fresh copy of the torch model)."""
     import copy
 
-    import torch
-
     import bench_reference_torch as ref
+    import torch
 
     device = next(models.torch_model.parameters()).device
     model = copy.deepcopy(models.torch_model)
@@ -422,7 +515,9 @@ def torch_train_side(models: Models, cfg: Config, images: np.ndarray, labels: np
     dtype = _torch_dtype(cfg.dtype)
     x = ref.to_device_images(images, device)
     y = torch.from_numpy(labels.astype(np.int64)).to(device)
-    loss_kw = {} if adaptive else {"loss_fn": lambda e, c, t: ref.cosface_loss(e, c, t, adaptive=False)}
+    loss_kw = (
+        {} if adaptive else {"loss_fn": lambda e, c, t: ref.cosface_loss(e, c, t, adaptive=False)}
+    )
     train_step = ref.make_train_step(model, centers, dtype=dtype, **loss_kw)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss = train_step(x, y)
@@ -437,7 +532,10 @@ def torch_train_side(models: Models, cfg: Config, images: np.ndarray, labels: np
         train_step(x, y)
         sync()
 
-    what = f"PyTorch {torch.__version__} timm {timm_name(cfg.backbone)} channels_last eager + CosFace(adaptive) + Adam"
+    what = (
+        f"PyTorch {torch.__version__} timm {timm_name(cfg.backbone)} channels_last eager "
+        "+ CosFace(adaptive) + Adam"
+    )
     return Side("reference", step, cfg.batch, 0.0, what), first
 
 
@@ -447,59 +545,54 @@ def train_part(cfg: Config, models: Models, jax_train: JaxTrain | None = None) -
     ours, ours_first = jax_train.side()
     ref, ref_first = torch_train_side(models, cfg, images, labels)
     check = first_step_disagreement(ours_first, ref_first, model_tolerance(cfg))
-    result = compare("train", ours, ref, check, cfg, note="same batch every step (data loading timed in `data`)")
+    result = compare(
+        "train", ours, ref, check, cfg, note="same batch every step (data loading timed in `data`)"
+    )
     result["first_loss"] = {"leopard_jax": ours_first["loss"], "reference": ref_first["loss"]}
     return result
 
 
-class JaxEmbed:
-    """leopard_jax inference: `train_step.embed_step` (eval-mode EmbeddingModel), jit."""
+def jax_embed_side(models: Models, cfg: Config, images: np.ndarray) -> tuple[Side, dict]:
+    """leopard_jax inference as `embed` runs it: `inference.embed_images` on uint8 images
+    (stacked, sent to the local devices, normalised and embedded there)."""
+    import jax
 
-    def __init__(self, models: Models, cfg: Config, images: np.ndarray):
-        import functools
+    from leopard_jax import inference, parallel
+    from leopard_jax.train import state as state_lib
 
-        import jax
-        import jax.numpy as jnp
+    model = state_lib.build_model(train_config(cfg).model, axis_name=None)
+    variables = parallel.replicate(models.variables)
 
-        from leopard_jax import train_step as ts
-
-        self.cfg = cfg
-        model = ts.build_model(train_config(cfg).model, axis_name=None)
-        params = {"model": jax.tree.map(jnp.asarray, models.variables["params"])}
-        self.state = ts.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, batch_stats=jax.tree.map(jnp.asarray, models.variables["batch_stats"]),
-            opt_state=(), rng=jax.random.PRNGKey(0),
+    def step() -> np.ndarray:
+        return inference.embed_images(
+            model, variables, images, batch_size=len(images), replicated=True
         )
-        self.images = jax.device_put(images)
-        start = time.perf_counter()
-        self.compiled = jax.jit(functools.partial(ts.embed_step, model=model)).lower(self.state, self.images).compile()
-        self.compile_s = time.perf_counter() - start
 
-    def side(self) -> tuple[Side, dict]:
-        out = self.compiled(self.state, self.images)
-        first = {
-            "shape": tuple(self.images.shape),
-            "dtype": self.cfg.dtype,
-            "out_shape": tuple(out.shape),
-            "embeddings": np.asarray(out),
-        }
-
-        def step():
-            self.compiled(self.state, self.images).block_until_ready()
-
-        what = "leopard_jax train_step.embed_step (eval-mode EmbeddingModel), jit"
-        return Side("leopard_jax", step, self.images.shape[0], self.compile_s, what), first
+    start = time.perf_counter()
+    out = step()
+    first_call_s = time.perf_counter() - start
+    first = {
+        "shape": tuple(images.shape),
+        "dtype": cfg.dtype,
+        "out_shape": tuple(out.shape),
+        "embeddings": out,
+    }
+    what = (
+        f"leopard_jax inference.embed_images (uint8 in, pmap over {jax.local_device_count()} "
+        "local device(s)); compile_s = the first call"
+    )
+    return Side("leopard_jax", step, len(images), first_call_s, what), first
 
 
 def torch_embed_side(models: Models, cfg: Config, images: np.ndarray) -> tuple[Side, dict]:
-    import torch
-
+    """The reference inference on the same uint8 images, also normalised on its device."""
     import bench_reference_torch as ref
+    import torch
 
     device = next(models.torch_model.parameters()).device
     dtype = _torch_dtype(cfg.dtype)
     embed = ref.make_embed(models.torch_model, dtype=dtype)
-    x = ref.to_device_images(images, device)
+    x = ref.normalized_device_images(images, device)
     out = embed(x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first = {
@@ -510,21 +603,26 @@ def torch_embed_side(models: Models, cfg: Config, images: np.ndarray) -> tuple[S
     }
 
     def step():
-        embed(x)
+        embed(ref.normalized_device_images(images, device)).cpu()
         sync()
 
-    what = f"PyTorch {torch.__version__} timm {timm_name(cfg.backbone)} channels_last eval, inference_mode"
+    what = (
+        f"PyTorch {torch.__version__} timm {timm_name(cfg.backbone)} channels_last eval, "
+        "inference_mode (uint8 in, normalised on its device)"
+    )
     return Side("reference", step, cfg.batch, 0.0, what), first
 
 
 def embed_part(cfg: Config, models: Models) -> dict:
-    images, _ = synthetic_batch(cfg)
-    ours, ours_first = JaxEmbed(models, cfg, images).side()
+    images = synthetic_images(cfg)
+    ours, ours_first = jax_embed_side(models, cfg, images)
     ref, ref_first = torch_embed_side(models, cfg, images)
     check = first_step_disagreement(ours_first, ref_first, model_tolerance(cfg))
     result = compare("embed", ours, ref, check, cfg)
-    diff = np.abs(ours_first["embeddings"] - ref_first["embeddings"]).max() if ours_first["embeddings"].shape == ref_first["embeddings"].shape else None
-    result["first_embeddings_max_abs_diff"] = None if diff is None else float(diff)
+    a, b = ours_first["embeddings"], ref_first["embeddings"]
+    result["first_embeddings_max_abs_diff"] = (
+        float(np.abs(a - b).max()) if a.shape == b.shape else None
+    )
     return result
 
 
@@ -540,16 +638,14 @@ def synthetic_dataset(directory: pathlib.Path, cfg: Config, num_records: int) ->
     records.save_settings(directory, {"height": cfg.height, "width": cfg.width, "channels": 4})
     base = rng.integers(0, 256, (cfg.height, cfg.width, 4), dtype=np.uint8)
     items = (
-        ({"key": f"id{i // 4:04d}/{i}", "identity": f"id{i // 4:04d}"}, np.roll(base, 7 * i, axis=1))
+        (
+            {"key": f"id{i // 4:04d}/{i}", "identity": f"id{i // 4:04d}"},
+            np.roll(base, 7 * i, axis=1),
+        )
         for i in range(num_records)
     )
     records.write_records(directory, "bench", items)
     return records.read_manifest(directory)
-
-
-def _first_batch(batch: dict) -> dict:
-    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
-    return {"shape": tuple(images.shape), "dtype": str(images.dtype), "images": images, "labels": labels}
 
 
 class LoaderSide:
@@ -571,7 +667,9 @@ class LoaderSide:
         return next(self.iterator)
 
     def end_round(self) -> None:
-        close = getattr(self.iterator, "close", None) or getattr(self.iterator, "_shutdown_workers", None)
+        close = getattr(self.iterator, "close", None) or getattr(
+            self.iterator, "_shutdown_workers", None
+        )
         if close:
             close()
         self.iterator = None
@@ -585,7 +683,12 @@ class LoaderSide:
         self.iterator = iterator
         self.end_round()
         images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
-        return {"shape": tuple(images.shape), "dtype": str(images.dtype), "images": images, "labels": labels}, elapsed
+        return {
+            "shape": tuple(images.shape),
+            "dtype": str(images.dtype),
+            "images": images,
+            "labels": labels,
+        }, elapsed
 
     def side(self, label: str, batch: int, what: str) -> tuple[Side, dict]:
         first, startup = self.first()
@@ -598,10 +701,10 @@ def loader_drain(workers: int) -> int:
 
 def data_part(cfg: Config, workers: int = 2) -> dict:
     """grain `train_loader` vs a torch DataLoader over the same records and epoch table."""
+    import bench_reference_torch as ref
     import torch
     from absl import flags
 
-    import bench_reference_torch as ref
     from leopard_jax.data import pipeline, records
 
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
@@ -614,51 +717,79 @@ def data_part(cfg: Config, workers: int = 2) -> dict:
         rows = synthetic_dataset(pathlib.Path(tmp), cfg, num_records=cfg.batch * batches)
 
         def open_ours():
-            return pipeline.train_loader(rows, tmp, global_batch=cfg.batch, seed=cfg.seed, epoch=0, num_devices=1,
-                                         worker_count=workers).iterator
+            return pipeline.train_loader(
+                rows,
+                tmp,
+                global_batch=cfg.batch,
+                seed=cfg.seed,
+                epoch=0,
+                num_devices=1,
+                worker_count=workers,
+            ).iterator
 
-        table = pipeline.train_table(rows, global_batch=cfg.batch, seed=cfg.seed, epoch=0, num_devices=1).ravel()
+        table = pipeline.train_table(
+            rows, global_batch=cfg.batch, seed=cfg.seed, epoch=0, num_devices=1
+        ).ravel()
         labels = pipeline.label_array(rows, pipeline.class_names(rows, keep_singletons=False))
-        dataset = ref.RecordDataset(records.RecordSource(tmp, rows), table, labels, seed=cfg.seed, epoch=0)
+        dataset = ref.RecordDataset(
+            records.RecordSource(tmp, rows), table, labels, seed=cfg.seed, epoch=0
+        )
 
         def open_reference():
             return iter(ref.make_loader(dataset, cfg.batch, workers))
 
         ours, ours_first = LoaderSide(open_ours, workers).side(
-            "leopard_jax", cfg.batch, f"leopard_jax.data.pipeline.train_loader (grain, {workers} worker processes)")
+            "leopard_jax",
+            cfg.batch,
+            f"leopard_jax.data.pipeline.train_loader (grain, {workers} worker processes)",
+        )
         theirs, ref_first = LoaderSide(open_reference, workers).side(
-            "reference", cfg.batch,
-            f"torch {torch.__version__} DataLoader ({workers} spawned workers) over the same records and epoch "
-            "table, same per-image augment + normalise (leopard_jax.data.augment)")
+            "reference",
+            cfg.batch,
+            f"torch {torch.__version__} DataLoader ({workers} spawned workers) "
+            "over the same records and epoch "
+            "table, same per-image augment + normalise (leopard_jax.data.augment)",
+        )
         check = first_step_disagreement(ours_first, ref_first, TOLERANCE["data"])
-        return compare("data", ours, theirs, check, cfg, warmup=0,
-                       note="compile_s = time to the first batch of a fresh iterator (worker start-up); each round "
-                            f"opens a fresh iterator per side, drains {loader_drain(workers)} batches untimed, "
-                            "times the next ones, and closes it")
+        return compare(
+            "data",
+            ours,
+            theirs,
+            check,
+            cfg,
+            warmup=0,
+            note="compile_s = time to the first batch of a fresh iterator (worker start-up); "
+            "each round "
+            f"opens a fresh iterator per side, drains {loader_drain(workers)} batches untimed, "
+            "times the next ones, and closes it",
+        )
 
 
 # ---------------------------------------------------------------- preprocess
 
-SHARED_DATA = _HERE.parents[1] / "shared" / "data"
 
-
-def _read_rgb(paths: list[pathlib.Path]) -> list[np.ndarray]:
+def preprocess_inputs(
+    cfg: Config, count: int = 8
+) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """(leopard crops, whole camera-trap photos, where they came from), all RGB, rendered by
+    `leopard_jax.data.synthetic` at typical sizes (a stage's cost depends on the size, and on
+    content only as real photos have it: a textured animal in a cluttered scene)."""
     import cv2
 
-    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    from leopard_jax.data import synthetic
 
+    def rgb(height: int, width: int, n: int, seed: int) -> list[np.ndarray]:
+        return [
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            for *_, bgr in synthetic.photos(n, 1, seed, height, width)
+        ]
 
-def preprocess_inputs(cfg: Config, count: int = 8) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """(leopard crops, whole camera-trap photos, where they came from): the shared real
-    images when present, else random ones of typical sizes."""
-    crops = sorted((SHARED_DATA / "spotid_minimum" / "cropped").glob("*/*.jpg"))[:count]
-    photos = [p for p in sorted((SHARED_DATA / "camera_trap_frames").glob("*.jpg")) if "_detections" not in p.name]
-    if crops and photos:
-        return _read_rgb(crops), _read_rgb(photos), f"{len(crops)} spotID crops, {len(photos)} camera-trap frames"
-    rng = np.random.default_rng(cfg.seed)
-    crops = [rng.integers(0, 256, (360, 720, 3), dtype=np.uint8) for _ in range(count)]
-    photos = [rng.integers(0, 256, (600, 800, 3), dtype=np.uint8) for _ in range(3)]
-    return crops, photos, "random images (shared data not found)"
+    crops, photos = rgb(360, 720, count, cfg.seed), rgb(600, 800, 3, cfg.seed + 1)
+    return (
+        crops,
+        photos,
+        f"{len(crops)} crops and {len(photos)} photos from leopard_jax.data.synthetic",
+    )
 
 
 def cycling(fn: Callable[[np.ndarray], Any], images: list[np.ndarray]) -> Callable[[], Any]:
@@ -673,37 +804,65 @@ def cycling(fn: Callable[[np.ndarray], Any], images: list[np.ndarray]) -> Callab
     return step
 
 
-def stage_result(name: str, cfg: Config, steps: int, ours: Callable, theirs: Callable | None, images, *,
-                 what_ours: str, what_ref: str, agree: Callable[[Any, Any], list[str]] | None, note: str) -> dict:
+def stage_result(
+    name: str,
+    cfg: Config,
+    steps: int,
+    ours: Callable,
+    theirs: Callable | None,
+    images,
+    *,
+    what_ours: str,
+    what_ref: str,
+    agree: Callable[[Any, Any], list[str]] | None,
+    note: str,
+) -> dict:
     """Time one preprocessing stage per image; without a reference, leopard_jax alone."""
     cfg = dataclasses.replace(cfg, steps=steps)
     first_ours = ours(images[0])
     ours_side = Side("leopard_jax", cycling(ours, images), 1, 0.0, what_ours)
     if theirs is None:
         timing = time_alternating([ours_side], steps=steps, rounds=min(cfg.rounds, steps))
-        return {"part": f"preprocess/{name}", "leopard_jax": timing["leopard_jax"], "reference": None, "ratio": None,
-                "same_computation": None, "refused_because": [f"no reference: {what_ref}"],
-                "process_peak_rss_mib": round(process_peak_rss_mib(), 1), "note": note}
+        return {
+            "part": f"preprocess/{name}",
+            "leopard_jax": timing["leopard_jax"],
+            "reference": None,
+            "ratio": None,
+            "same_computation": None,
+            "refused_because": [f"no reference: {what_ref}"],
+            "process_peak_rss_mib": round(process_peak_rss_mib(), 1),
+            "note": note,
+        }
     check = agree(first_ours, theirs(images[0]))
-    result = compare(f"preprocess/{name}", ours_side, Side("reference", cycling(theirs, images), 1, 0.0, what_ref),
-                     check, cfg, note=note)
+    result = compare(
+        f"preprocess/{name}",
+        ours_side,
+        Side("reference", cycling(theirs, images), 1, 0.0, what_ref),
+        check,
+        cfg,
+        note=note,
+    )
     return result
 
 
 def _same_array(tolerance: float) -> Callable[[np.ndarray, np.ndarray], list[str]]:
     def agree(a, b) -> list[str]:
-        return first_step_disagreement({"shape": a.shape, "dtype": str(a.dtype), "images": a},
-                                       {"shape": b.shape, "dtype": str(b.dtype), "images": b}, {"images": tolerance})
+        return first_step_disagreement(
+            {"shape": a.shape, "dtype": str(a.dtype), "images": a},
+            {"shape": b.shape, "dtype": str(b.dtype), "images": b},
+            {"images": tolerance},
+        )
+
     return agree
 
 
 def preprocess_part(cfg: Config) -> list[dict]:
     """Per-stage images/s of leopard_jax.preprocess against the same step done the original
-    spotID way (plain cv2 per image; rembg.remove), on real crops and frames when present."""
+    spotID way (plain cv2 per image; rembg.remove), on synthetic crops and photos."""
+    import bench_reference_torch as ref
     import cv2
     import rembg
 
-    import bench_reference_torch as ref
     from leopard_jax.preprocess import background, detect, edges, render
 
     threads = cfg.threads or cores()
@@ -714,24 +873,40 @@ def preprocess_part(cfg: Config) -> list[dict]:
     results = []
 
     spotid_edges = dict(equalize=False, blur_ksize=5, canny_low=55, canny_high=160)
-    results.append(stage_result(
-        "edges", cfg, cv2_steps, lambda rgb: edges.edge_map(rgb, **spotid_edges), ref.edges_cv2, crops,
-        what_ours="leopard_jax.preprocess.edges.edge_map(equalize=False), spotID's settings",
-        what_ref="cv2 grey -> GaussianBlur 5x5 -> Canny(55, 160) per image (spotID's edge step)",
-        agree=_same_array(0), note=f"{source}; the default edge_map also equalises the histogram (not timed here)"))
+    results.append(
+        stage_result(
+            "edges",
+            cfg,
+            cv2_steps,
+            lambda rgb: edges.edge_map(rgb, **spotid_edges),
+            ref.edges_cv2,
+            crops,
+            what_ours="leopard_jax.preprocess.edges.edge_map(equalize=False), spotID's settings",
+            what_ref="cv2 grey -> GaussianBlur 5x5 -> Canny(55, 160) per image "
+            "(spotID's edge step)",
+            agree=_same_array(0),
+            note=f"{source}; the default edge_map also equalises the histogram (not timed here)",
+        )
+    )
 
     edge_maps = {id(c): ref.edges_cv2(c) for c in crops}
-    results.append(stage_result(
-        "render", cfg, cv2_steps,
-        lambda rgb: render.render(rgb, edge_maps[id(rgb)], cfg.height, cfg.width),
-        lambda rgb: ref.render_cv2(rgb, edge_maps[id(rgb)], cfg.height, cfg.width), crops,
-        what_ours="leopard_jax.preprocess.render.render (stretch)",
-        what_ref="cv2.resize of RGB and of the edge map, then stack, per image",
-        agree=_same_array(1), note=f"{source}; to {cfg.height}x{cfg.width}x4"))
+    results.append(
+        stage_result(
+            "render",
+            cfg,
+            cv2_steps,
+            lambda rgb: render.render(rgb, edge_maps[id(rgb)], cfg.height, cfg.width),
+            lambda rgb: ref.render_cv2(rgb, edge_maps[id(rgb)], cfg.height, cfg.width),
+            crops,
+            what_ours="leopard_jax.preprocess.render.render (stretch)",
+            what_ref="cv2.resize of RGB and of the edge map, then stack, per image",
+            agree=_same_array(1),
+            note=f"{source}; to {cfg.height}x{cfg.width}x4",
+        )
+    )
 
-    u2netp = SHARED_DATA / "u2netp_onnx" / "u2netp.onnx"
-    if u2netp.is_file():
-        session = background.new_session(str(u2netp), threads=threads)
+    if cfg.u2netp:
+        session = background.new_session(cfg.u2netp, threads=threads)
 
         def ours_rembg(rgb):
             mask = background.predict_mask(session, rgb)
@@ -740,24 +915,45 @@ def preprocess_part(cfg: Config) -> list[dict]:
         def rembg_alpha(a, b) -> list[str]:
             return _same_array(1)(a[1], b[..., 3])
 
-        results.append(stage_result(
-            "rembg", cfg, model_steps, ours_rembg, lambda rgb: rembg.remove(rgb, session=session), crops,
-            what_ours="leopard_jax.preprocess.background predict_mask + apply_mask (u2netp, ONNX Runtime)",
-            what_ref="rembg.remove(crop, session=the same u2netp session) per image, as spotID calls it",
-            agree=rembg_alpha, note=f"{source}; {threads} ONNX threads; check: ours' mask = rembg's alpha"))
+        results.append(
+            stage_result(
+                "rembg",
+                cfg,
+                model_steps,
+                ours_rembg,
+                lambda rgb: rembg.remove(rgb, session=session),
+                crops,
+                what_ours="leopard_jax.preprocess.background predict_mask + apply_mask "
+                "(u2netp, ONNX Runtime)",
+                what_ref="rembg.remove(crop, session=the same u2netp session) per image, "
+                "as spotID calls it",
+                agree=rembg_alpha,
+                note=f"{source}; {threads} ONNX threads; check: ours' mask = rembg's alpha",
+            )
+        )
     else:
-        results.append({"part": "preprocess/rembg", "skipped": f"{u2netp} not found"})
+        results.append({"part": "preprocess/rembg", "skipped": "no --u2netp U2NETP.onnx given"})
 
-    yolox = SHARED_DATA / "yolox_nano_onnx" / "yolox_nano.onnx"
-    if yolox.is_file():
-        detector = detect.Detector(str(yolox), threads=threads)
-        results.append(stage_result(
-            "detect", cfg, model_steps, detector, None, photos,
-            what_ours=f"leopard_jax.preprocess.detect.Detector (YOLOX-Nano ONNX, {threads} threads)",
-            what_ref="no same-model reference here (spotID's example data come pre-cropped); leopard_jax alone",
-            agree=None, note=source))
+    if cfg.yolox:
+        detector = detect.Detector(cfg.yolox, threads=threads)
+        results.append(
+            stage_result(
+                "detect",
+                cfg,
+                model_steps,
+                detector,
+                None,
+                photos,
+                what_ours=f"leopard_jax.preprocess.detect.Detector "
+                f"(YOLOX-Nano ONNX, {threads} threads)",
+                what_ref="no same-model reference here (spotID's example data come pre-cropped); "
+                "leopard_jax alone",
+                agree=None,
+                note=source,
+            )
+        )
     else:
-        results.append({"part": "preprocess/detect", "skipped": f"{yolox} not found"})
+        results.append({"part": "preprocess/detect", "skipped": "no --yolox YOLOX_NANO.onnx given"})
     return results
 
 
@@ -765,7 +961,10 @@ def preprocess_part(cfg: Config) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>9}{'compile s':>11}{'proc RSS MiB':>14}"
+    head = (
+        f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>9}"
+        f"{'compile s':>11}{'proc RSS MiB':>14}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         if "skipped" in r:
@@ -799,7 +998,9 @@ def gpu_peak_mib() -> dict[str, float]:
     }
 
 
-def run(parts: list[str], cfg: Config, on_part: Callable[[dict], None] = lambda report: None) -> dict:
+def run(
+    parts: list[str], cfg: Config, on_part: Callable[[dict], None] = lambda report: None
+) -> dict:
     env = setup_devices(cfg)
     results = []
     models = None
@@ -831,36 +1032,63 @@ def run(parts: list[str], cfg: Config, on_part: Callable[[dict], None] = lambda 
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[list[str], Config, str | None]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", nargs="?", default="all", choices=(*PARTS, "all"))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
-    p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per side (default per part: %s)" % DEFAULT_STEPS)
-    p.add_argument("--rounds", type=int, default=3, help="alternations of the two sides")
-    p.add_argument("--backbone", default="efficientnetv2_b2",
-                   choices=[f"efficientnetv2_b{i}" for i in range(4)] + ["resnet18"])
-    p.add_argument("--classes", type=int, default=NUM_CLASSES, help="CosFace classes")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores JAX sees)")
-    a = p.parse_args(argv)
-    if a.batch < 1 or min(a.size) < 32 or (a.steps is not None and a.steps < 1) or a.rounds < 1:
-        p.error("need --batch >= 1, --size H W >= 32, --steps >= 1, --rounds >= 1")
+def settings(rest: list[str]) -> tuple[list[str], Config, str | None]:
+    """(parts, Config, JSON path) from the parsed FLAGS and the positional part name."""
+    if len(rest) > 1 or (rest and rest[0] not in (*PARTS, "all")):
+        raise BenchError(
+            f"unexpected arguments {rest}; the one positional is a part: {', '.join(PARTS)} or all"
+        )
+    try:
+        height, width = (int(v) for v in _SIZE.value)
+    except ValueError:
+        height = width = 0
+    if min(height, width) < 32:
+        raise BenchError(
+            f"--size {','.join(_SIZE.value)}: give H,W, each >= 32 (e.g. --size 256,512)"
+        )
+    from leopard_jax import models  # imports jax: after `command` has chosen the platform
+
+    if _BACKBONE.value not in models.BACKBONES:
+        raise BenchError(f"--backbone {_BACKBONE.value}: not one of {', '.join(models.BACKBONES)}")
+    for flag in (_U2NETP, _YOLOX):
+        if flag.value and not pathlib.Path(flag.value).is_file():
+            raise BenchError(
+                f"--{flag.name} {flag.value}: not a file; pass the .onnx or leave the flag out"
+            )
     cfg = Config(
-        batch=a.batch, height=a.size[0], width=a.size[1], device=a.device, dtype=a.dtype, steps=a.steps,
-        rounds=a.rounds, backbone=a.backbone, num_classes=a.classes, threads=a.threads,
+        batch=_BATCH.value,
+        height=height,
+        width=width,
+        device=_DEVICE.value,
+        dtype=_DTYPE.value,
+        steps=_STEPS.value,
+        rounds=_ROUNDS.value,
+        backbone=_BACKBONE.value,
+        num_classes=_CLASSES.value,
+        threads=_THREADS.value,
+        u2netp=_U2NETP.value,
+        yolox=_YOLOX.value,
     )
-    return (list(PARTS) if a.part == "all" else [a.part]), cfg, a.json
+    part = rest[0] if rest else "all"
+    return (list(PARTS) if part == "all" else [part]), cfg, _JSON.value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parts, cfg, json_out = parse_args(argv)
-    if cfg.device == "cpu":
+def parse_args(argv: list[str]) -> tuple[list[str], Config, str | None]:
+    """`settings` of a command line (library and test use); BenchError on bad input."""
+    FLAGS.unparse_flags()
+    try:
+        rest = FLAGS(["bench.py", *argv])
+    except flags.Error as e:
+        raise BenchError(str(e)) from e
+    return settings(rest[1:])
+
+
+def command(rest: list[str]) -> None:
+    if _DEVICE.value == "cpu":  # before anything imports jax
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     else:  # JAX preallocates 75 % of the GPU by default; leave torch its share
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    parts, cfg, json_out = settings(rest)
 
     def write(report: dict) -> None:
         if json_out:
@@ -870,7 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report["results"]))
     if json_out:
         print(f"[bench] wrote {json_out}", file=sys.stderr)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(FLAGS, command, argv, errors=(BenchError,), prog="python scripts/bench.py")
 
 
 if __name__ == "__main__":

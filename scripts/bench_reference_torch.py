@@ -36,7 +36,9 @@ class SpotIDNet(nn.Module):
         import timm
 
         self.backbone_name = backbone
-        self.backbone = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=1000)
+        self.backbone = timm.create_model(
+            backbone, pretrained=False, in_chans=in_chans, num_classes=1000
+        )
         self.embedding_layer = nn.Linear(1000, dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,18 @@ def to_device_images(images_nhwc: np.ndarray, device: torch.device) -> torch.Ten
     return x.to(device).contiguous(memory_format=torch.channels_last)
 
 
+def normalized_device_images(images_nhwc: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC numpy -> (x/255 - mean) / std float32 NCHW on `device`, channels_last: the
+    uint8 crosses to the device and is normalised there, as leopard_jax's embed path does
+    (with the same constants, `leopard_jax.data.augment.MEAN/STD`)."""
+    from leopard_jax.data import augment
+
+    x = to_device_images(images_nhwc, device).float()
+    mean = torch.as_tensor(augment.MEAN, device=device).view(1, -1, 1, 1)
+    std = torch.as_tensor(augment.STD, device=device).view(1, -1, 1, 1)
+    return ((x / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -112,7 +126,9 @@ def make_train_step(
     return step
 
 
-def make_embed(model: SpotIDNet, *, dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_embed(
+    model: SpotIDNet, *, dtype: torch.dtype = torch.float32
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Inference embeddings (BN running stats, no autograd)."""
     device = next(model.parameters()).device
 
@@ -148,7 +164,8 @@ class RecordDataset(torch.utils.data.Dataset):
     """Element i of an epoch table: read record table[i], augment, normalise (as one item)."""
 
     def __init__(self, source, table: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int):
-        self.source, self.table, self.labels, self.seed, self.epoch = source, table, labels, seed, epoch
+        self.source, self.table, self.labels = source, table, labels
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
         return len(self.table)

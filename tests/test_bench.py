@@ -21,8 +21,9 @@ reference = importlib.import_module("bench_reference_torch")
 
 # ResNet-18 compiles in a fraction of EfficientNetV2's time; the harness logic is the same,
 # and the EfficientNetV2 import/parity has its own tests (tests of leopard_jax.models).
-CFG = bench.Config(batch=2, height=64, width=128, steps=1, rounds=1, backbone="resnet18", dims=64,
-                   num_classes=8)
+CFG = bench.Config(
+    batch=2, height=64, width=128, steps=1, rounds=1, backbone="resnet18", dims=64, num_classes=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,14 @@ def test_disagreement_names_shape_and_dtype():
     ours = {"shape": (2, 64, 128, 4), "dtype": "float32", "loss": 3.0}
     assert bench.first_step_disagreement(ours, dict(ours), bench.TOLERANCE["float32"]) == []
     reasons = bench.first_step_disagreement(
-        ours, {"shape": (2, 4, 64, 128), "dtype": "bfloat16", "loss": 3.0}, bench.TOLERANCE["float32"])
+        ours,
+        {"shape": (2, 4, 64, 128), "dtype": "bfloat16", "loss": 3.0},
+        bench.TOLERANCE["float32"],
+    )
     assert [r.split()[0] for r in reasons] == ["shape", "dtype"]
-    assert bench.first_step_disagreement(ours, {**ours, "loss": float("nan")}, bench.TOLERANCE["float32"])
+    assert bench.first_step_disagreement(
+        ours, {**ours, "loss": float("nan")}, bench.TOLERANCE["float32"]
+    )
 
 
 def test_reference_loss_matches_plain_loop():
@@ -87,7 +93,9 @@ def test_reference_loss_matches_plain_loop():
     rng = np.random.default_rng(1)
     emb, centers = rng.standard_normal((3, 5)), rng.standard_normal((4, 5))
     labels = np.array([0, 3, -1])
-    got = float(reference.cosface_loss(torch.tensor(emb), torch.tensor(centers), torch.tensor(labels)))
+    got = float(
+        reference.cosface_loss(torch.tensor(emb), torch.tensor(centers), torch.tensor(labels))
+    )
     rows = []
     for e, y in zip(emb, labels):
         if y < 0:
@@ -118,9 +126,16 @@ def test_gpu_without_cuda_fails_in_one_line():
 
 def test_cli_rejects_bad_sizes():
     with pytest.raises(SystemExit):
-        bench.parse_args(["train", "--size", "8", "8"])
-    parts, cfg, out = bench.parse_args(["all", "--batch", "4", "--size", "128", "256", "--json", "x.json"])
-    assert parts == list(bench.PARTS) and (cfg.batch, cfg.height, cfg.width, out) == (4, 128, 256, "x.json")
+        bench.parse_args(["train", "--size", "8,8"])
+    parts, cfg, out = bench.parse_args(
+        ["all", "--batch", "4", "--size", "128,256", "--json", "x.json"]
+    )
+    assert parts == list(bench.PARTS) and (cfg.batch, cfg.height, cfg.width, out) == (
+        4,
+        128,
+        256,
+        "x.json",
+    )
 
 
 def test_run_writes_every_stage_as_it_goes(monkeypatch):
@@ -129,7 +144,32 @@ def test_run_writes_every_stage_as_it_goes(monkeypatch):
     monkeypatch.setattr(bench, "setup_devices", lambda cfg: {})
     monkeypatch.setattr(bench, "preprocess_part", lambda cfg: [dict(s) for s in stages])
     written = []
-    report = bench.run(["preprocess"], CFG, on_part=lambda r: written.append([x["part"] for x in r["results"]]))
+    report = bench.run(
+        ["preprocess"], CFG, on_part=lambda r: written.append([x["part"] for x in r["results"]])
+    )
     assert written == [["preprocess/a", "preprocess/b"]]
     assert all("wall_s" in r for r in report["results"])
     assert "skipped: x" in bench.table(report["results"])
+
+
+def test_preprocess_runs_on_its_own_inputs():
+    """Made-here photos only; the ONNX stages wait for their files to be passed."""
+    results = bench.preprocess_part(dataclasses.replace(CFG, steps=1))
+    parts = {r["part"]: r for r in results}
+    stages = [p.removeprefix("preprocess/") for p in parts]
+    assert stages == ["edges", "render", "rembg", "detect"]
+    for stage in ("edges", "render"):
+        assert parts[f"preprocess/{stage}"]["same_computation"], parts[f"preprocess/{stage}"]
+        assert "leopard_jax.data.synthetic" in parts[f"preprocess/{stage}"]["note"]
+    assert "--u2netp" in parts["preprocess/rembg"]["skipped"]
+    assert "--yolox" in parts["preprocess/detect"]["skipped"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert bench.main(["nope"]) == 2
+    assert bench.main(["--u2netp", str(tmp_path / "missing.onnx")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "nope" in err[0] and "missing.onnx: not a file" in err[1]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0

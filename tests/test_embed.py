@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leopard_jax import embed, embeddings_io, model_io
+from leopard_jax import embed, embeddings_io, inference, model_io
 from leopard_jax.data import records
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -34,15 +34,27 @@ def minimum_items(height: int = HEIGHT, width: int = WIDTH):
         identity, flank = folder.rsplit("_", 1)
         rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
         edge = cv2.imread(str(MINIMUM / "binary" / folder / photo.name), cv2.IMREAD_GRAYSCALE)
-        image = np.dstack([cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA),
-                           cv2.resize(edge, (width, height), interpolation=cv2.INTER_AREA)])
+        image = np.dstack(
+            [
+                cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA),
+                cv2.resize(edge, (width, height), interpolation=cv2.INTER_AREA),
+            ]
+        )
         key = f"{folder}/{photo.stem}#0"
-        row = {"key": key, "source": str(photo), "identity": identity, "flank": flank.lower(),
-               "crop": f"crops/{key}.jpg", "edge": f"edges/{key}.jpg"}
+        row = {
+            "key": key,
+            "source": str(photo),
+            "identity": identity,
+            "flank": flank.lower(),
+            "crop": f"crops/{key}.jpg",
+            "edge": f"edges/{key}.jpg",
+        }
         yield row, image
 
 
-def write_dataset(root: pathlib.Path, items, shard: str = "a", height: int = HEIGHT, width: int = WIDTH):
+def write_dataset(
+    root: pathlib.Path, items, shard: str = "a", height: int = HEIGHT, width: int = WIDTH
+):
     """A dataset dir as preprocess writes it: settings, one shard, crop/edge JPEGs."""
     root.mkdir(parents=True, exist_ok=True)
     records.save_settings(root, {"height": height, "width": width, "channels": 4})
@@ -59,8 +71,14 @@ def write_dataset(root: pathlib.Path, items, shard: str = "a", height: int = HEI
 def synthetic_items(n: int, seed: int = 0, height: int = HEIGHT, width: int = WIDTH):
     rng = np.random.default_rng(seed)
     for i in range(n):
-        row = {"key": f"syn/{i:03d}#0", "source": f"/photos/{i}.jpg", "identity": f"id{i % 3}", "flank": "",
-               "crop": f"crops/syn/{i:03d}.jpg", "edge": f"edges/syn/{i:03d}.jpg"}
+        row = {
+            "key": f"syn/{i:03d}#0",
+            "source": f"/photos/{i}.jpg",
+            "identity": f"id{i % 3}",
+            "flank": "",
+            "crop": f"crops/syn/{i:03d}.jpg",
+            "edge": f"edges/syn/{i:03d}.jpg",
+        }
         yield row, rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
 
 
@@ -86,28 +104,33 @@ def random_variables(model, shape, seed: int):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def save_random_model(model_dir: pathlib.Path, seed: int, backbone: str = "resnet18", dims: int = 32):
+def save_random_model(
+    model_dir: pathlib.Path, seed: int, backbone: str = "resnet18", dims: int = 32
+):
     from leopard_jax.models.embedding import EmbeddingModel
 
     variables = random_variables(EmbeddingModel(backbone, dims=dims), (1, HEIGHT, WIDTH, 4), seed)
-    description = {"model": {"backbone": backbone, "head": "pooled", "dims": dims, "in_chans": 4},
-                   "input": {"height": HEIGHT, "width": WIDTH}, "info": {"source": "test", "step": seed}}
+    description = {
+        "model": {"backbone": backbone, "head": "pooled", "dims": dims, "in_chans": 4},
+        "input": {"height": HEIGHT, "width": WIDTH},
+        "info": {"source": "test", "step": seed},
+    }
     model_io.save_model(model_dir, variables, description)
     return model_dir
 
 
 class CountingEmbed:
-    """Wraps embed.embed_records to count the images that reach the model."""
+    """Wraps inference.embed_images (the one embed path) to count the images reaching the model."""
 
     def __init__(self, monkeypatch):
         self.images = 0
-        original = embed.embed_records
+        original = inference.embed_images
 
-        def counted(apply_fn, variables, images, **kw):
+        def counted(model, variables, images, **kw):
             self.images += len(images)
-            return original(apply_fn, variables, images, **kw)
+            return original(model, variables, images, **kw)
 
-        monkeypatch.setattr(embed, "embed_records", counted)
+        monkeypatch.setattr(inference, "embed_images", counted)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -140,13 +163,21 @@ def spotid_torch_model():
             super().__init__()
             backbone = timm.create_model("tf_efficientnetv2_b2", pretrained=False)
             old = backbone.conv_stem
-            backbone.conv_stem = nn.Conv2d(4, old.out_channels, old.kernel_size, old.stride, old.padding,
-                                           bias=old.bias is not None)
+            backbone.conv_stem = nn.Conv2d(
+                4,
+                old.out_channels,
+                old.kernel_size,
+                old.stride,
+                old.padding,
+                bias=old.bias is not None,
+            )
             self.final_backbone = backbone
             self.embedding_layer = nn.Linear(backbone.classifier.out_features, 1024)
 
         def forward(self, x):
-            return 64.0 * nn.functional.normalize(self.embedding_layer(self.final_backbone(x)), dim=1)
+            return 64.0 * nn.functional.normalize(
+                self.embedding_layer(self.final_backbone(x)), dim=1
+            )
 
     torch.manual_seed(0)
     net = EmbeddingNetwork().eval()
@@ -176,18 +207,39 @@ def test_spotid_checkpoint_through_embed_matches_pytorch(tmp_path):
     torch.save(net.state_dict(), pth)
     converted = tmp_path / "imported"
     height, width = PARITY_HW
-    assert convert.main(["--spotid", str(pth), "--backbone", "efficientnetv2_b2", "--out", str(converted),
-                         "--height", str(height), "--width", str(width)]) == 0
+    assert (
+        convert.main(
+            [
+                "--spotid",
+                str(pth),
+                "--backbone",
+                "efficientnetv2_b2",
+                "--out",
+                str(converted),
+                "--height",
+                str(height),
+                "--width",
+                str(width),
+            ]
+        )
+        == 0
+    )
     items = list(minimum_items(height, width))[::9]  # 5 photos, spread over the identities
     data = write_dataset(tmp_path / "data", items, height=height, width=width)
-    out = embed.run(converted, data, tmp_path / "e.npz", batch_size=4, progress=False, log=lambda _: None)
+    out = embed.run(
+        converted, data, tmp_path / "e.npz", batch_size=4, progress=False, log=lambda _: None
+    )
 
     uint8 = np.stack([image for _, image in items]).astype(np.float32)
-    tensor = torch.from_numpy(((uint8 / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).copy())
+    tensor = torch.from_numpy(
+        ((uint8 / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).copy()
+    )
     with torch.no_grad():
         reference = net(tensor).numpy()
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    assert np.max(reference @ reference.T - np.eye(len(items))) < 0.99  # images tell apart: order matters
+    assert (
+        np.max(reference @ reference.T - np.eye(len(items))) < 0.99
+    )  # images tell apart: order matters
     assert [r["key"] for r, _ in items] == out.keys.tolist()
     cosine = np.sum(out.embeddings * reference, axis=1)
     assert np.all(cosine >= 0.9999), cosine
@@ -203,14 +255,30 @@ def test_minimum_set_then_update_embeds_only_the_new_photo(tmp_path, model_dir, 
     new_row, new_image = items.pop(17)
     data = write_dataset(tmp_path / "data", items, shard="a")
     out_path = tmp_path / "emb.npz"
-    assert embed.main(["--checkpoint", str(model_dir), "--data", str(data), "--out", str(out_path),
-                       "--batch-size", str(BATCH), "--no-progress"]) == 0
+    assert (
+        embed.main(
+            [
+                "--checkpoint",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out_path),
+                "--batch-size",
+                str(BATCH),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     first = embeddings_io.read(out_path)
     assert len(first) == 44
 
     write_dataset(data, [(new_row, new_image)], shard="b")
     counter, lines = CountingEmbed(monkeypatch), []
-    embed.run(model_dir, data, out_path, batch_size=BATCH, update=True, progress=False, log=lines.append)
+    embed.run(
+        model_dir, data, out_path, batch_size=BATCH, update=True, progress=False, log=lines.append
+    )
     assert counter.images == 1
     assert lines == [f"embedded 1 new records (44 kept) -> {out_path} [45 x 32]"]
 
@@ -219,8 +287,10 @@ def test_minimum_set_then_update_embeds_only_the_new_photo(tmp_path, model_dir, 
     np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(result.embeddings[:44], first.embeddings)  # kept as they were
     assert result.keys[-1] == new_row["key"]
-    expected = {f"{p.parent.name}/{p.stem}#0": p.parent.name.rsplit("_", 1)[0]
-                for p in (MINIMUM / "cropped").glob("*/*.jpg")}
+    expected = {
+        f"{p.parent.name}/{p.stem}#0": p.parent.name.rsplit("_", 1)[0]
+        for p in (MINIMUM / "cropped").glob("*/*.jpg")
+    }
     assert dict(zip(result.keys.tolist(), result.identities.tolist())) == expected
     assert sorted(set(result.identities)) == ["BGL09", "BHA32", "BRL17", "CUL66"]
     assert set(result.flanks) == {"left", "right"}
@@ -231,7 +301,9 @@ def test_minimum_set_then_update_embeds_only_the_new_photo(tmp_path, model_dir, 
     assert result.meta["preprocessing"]["height"] == HEIGHT and result.meta["checkpoint_step"] == 0
 
     counter.images = 0  # a second update finds nothing new and leaves the file alone
-    embed.run(model_dir, data, out_path, batch_size=BATCH, update=True, progress=False, log=lines.append)
+    embed.run(
+        model_dir, data, out_path, batch_size=BATCH, update=True, progress=False, log=lines.append
+    )
     assert counter.images == 0 and "nothing new" in lines[-1]
 
 
@@ -240,12 +312,15 @@ def test_minimum_set_then_update_embeds_only_the_new_photo(tmp_path, model_dir, 
 
 def test_rows_keep_their_embedding_whatever_batch_and_order(synthetic, model_dir):
     """Padding the last batch and the record order must not change any row's embedding."""
-    _, description, variables = embed.load_checkpoint(model_dir)
-    apply_fn = embed.make_apply(embed.build_model(description))
+    description, variables = model_io.load_model(model_dir)
+    model = model_io.build_model(description)
     rows = records.read_manifest(synthetic)
-    forward = embed.embed_records(apply_fn, variables, records.RecordSource(synthetic), batch_size=BATCH)
-    backward = embed.embed_records(apply_fn, variables, records.RecordSource(synthetic, rows[::-1]),
-                                   batch_size=BATCH)
+    forward = inference.embed_images(
+        model, variables, records.RecordSource(synthetic), batch_size=BATCH
+    )
+    backward = inference.embed_images(
+        model, variables, records.RecordSource(synthetic, rows[::-1]), batch_size=BATCH
+    )
     assert forward.shape == (11, 32)
     np.testing.assert_allclose(backward[::-1], forward, atol=1e-5)
     assert np.linalg.matrix_rank(forward) > 1  # rows are really different images
@@ -254,9 +329,23 @@ def test_rows_keep_their_embedding_whatever_batch_and_order(synthetic, model_dir
 
 
 def test_bfloat16_stays_close_to_float32(synthetic, model_dir, tmp_path):
-    full = embed.run(model_dir, synthetic, tmp_path / "f.npz", batch_size=BATCH, progress=False, log=lambda _: None)
-    half = embed.run(model_dir, synthetic, tmp_path / "h.npz", batch_size=BATCH, dtype="bfloat16",
-                     progress=False, log=lambda _: None)
+    full = embed.run(
+        model_dir,
+        synthetic,
+        tmp_path / "f.npz",
+        batch_size=BATCH,
+        progress=False,
+        log=lambda _: None,
+    )
+    half = embed.run(
+        model_dir,
+        synthetic,
+        tmp_path / "h.npz",
+        batch_size=BATCH,
+        dtype="bfloat16",
+        progress=False,
+        log=lambda _: None,
+    )
     assert half.embeddings.dtype == np.float32 and half.meta["dtype"] == "bfloat16"
     assert np.min(np.sum(full.embeddings * half.embeddings, axis=1)) > 0.99
 
@@ -266,23 +355,44 @@ def test_bfloat16_stays_close_to_float32(synthetic, model_dir, tmp_path):
 
 def test_update_refuses_a_file_from_another_model(synthetic, model_dir, tmp_path, capsys):
     out = tmp_path / "e.npz"
-    first = embed.run(model_dir, synthetic, out, batch_size=BATCH, progress=False, log=lambda _: None)
+    first = embed.run(
+        model_dir, synthetic, out, batch_size=BATCH, progress=False, log=lambda _: None
+    )
     other = save_random_model(tmp_path / "other", seed=1)
     with pytest.raises(embed.EmbedError, match="different model"):
         embed.run(other, synthetic, out, batch_size=BATCH, update=True, progress=False)
-    assert embed.main(["--checkpoint", str(model_dir), "--data", str(synthetic), "--out", str(out),
-                       "--update", "--dtype", "bfloat16"]) == 2
+    assert (
+        embed.main(
+            [
+                "--checkpoint",
+                str(model_dir),
+                "--data",
+                str(synthetic),
+                "--out",
+                str(out),
+                "--update",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 2
+    )
     assert "--dtype float32" in capsys.readouterr().err
     np.testing.assert_array_equal(embeddings_io.read(out).embeddings, first.embeddings)  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz", "other"]  # no temp files left
 
 
 def test_wrong_input_size_is_a_one_line_error(tmp_path, model_dir, capsys):
-    data = write_dataset(tmp_path / "small", synthetic_items(2, height=16, width=64), height=16, width=64)
-    code = embed.main(["--checkpoint", str(model_dir), "--data", str(data), "--out", str(tmp_path / "e.npz")])
+    data = write_dataset(
+        tmp_path / "small", synthetic_items(2, height=16, width=64), height=16, width=64
+    )
+    code = embed.main(
+        ["--checkpoint", str(model_dir), "--data", str(data), "--out", str(tmp_path / "e.npz")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "16x64" in err and "32x64" in err and "--height 32 --width 64" in err
+    assert "16x64" in err and "32x64" in err
+    assert "--config.render.height=32 --config.render.width=64" in err  # preprocess's real flags
     assert not (tmp_path / "e.npz").exists()
 
 
@@ -292,7 +402,10 @@ def test_bad_paths_are_one_line_errors(tmp_path, model_dir, synthetic, capsys):
     records.save_settings(empty, {"height": HEIGHT, "width": WIDTH, "channels": 4})
     cases = [
         (["--checkpoint", str(tmp_path / "nope"), "--data", str(synthetic)], "no model.json"),
-        (["--checkpoint", str(model_dir), "--data", str(tmp_path / "nodata")], "settings.json: not found"),
+        (
+            ["--checkpoint", str(model_dir), "--data", str(tmp_path / "nodata")],
+            "settings.json: not found",
+        ),
         (["--checkpoint", str(model_dir), "--data", str(empty)], "no records"),
     ]
     for argv, message in cases:
@@ -311,8 +424,9 @@ def test_npz_round_trip_and_append(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(4, 3)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    data = embeddings_io.make(vectors, meta={"model": {"dims": 3}}, keys=list("abcd"),
-                              identities=["x", "", "ü", "y"])
+    data = embeddings_io.make(
+        vectors, meta={"model": {"dims": 3}}, keys=list("abcd"), identities=["x", "", "ü", "y"]
+    )
     path = tmp_path / "e.npz"
     embeddings_io.write(path, data)
     back = embeddings_io.read(path)

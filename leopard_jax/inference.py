@@ -1,0 +1,119 @@
+"""The one embed path: uint8 images -> float32 unit embeddings, sharded over local devices.
+
+`embed` (an exported model), the training loop's held-out evaluation (its replicated state)
+and the bench all call `embed_images`, so what is measured, evaluated and shipped is one
+computation:
+
+- pmapped over `parallel.AXIS`; each batch is split over the local devices with
+  `parallel.shard` and its rows put back in order with `parallel.unshard`;
+- one fixed batch shape (rounded up to a multiple of the device count, the last batch
+  zero-padded and its extra rows dropped), and the pmapped function cached per model, so a
+  dataset of any size, and the trainer's evaluation every epoch, compile once;
+- uint8 crosses to the device and is normalised there (a quarter of float32's traffic),
+  with the training input's constants (`augment.MEAN`, `augment.STD`);
+- the next batch is read and stacked in a thread while the devices run this one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from tqdm import tqdm
+
+from leopard_jax import parallel
+from leopard_jax.data import augment
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [..., C] -> float32 (x/255 - MEAN) / STD: `augment.normalize` on the device."""
+    scale = jnp.asarray(1.0 / (255.0 * augment.STD), jnp.float32)
+    offset = jnp.asarray(-augment.MEAN / augment.STD, jnp.float32)
+    return images.astype(jnp.float32) * scale + offset
+
+
+@functools.lru_cache(maxsize=8)
+def embed_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """pmap(replicated variables, uint8 [devices, b, H, W, C]) -> [devices, b, D], one per
+    model (flax modules hash by their settings), so every call reuses its compilation."""
+
+    def forward(variables, images):
+        return model.apply(variables, normalize(images), train=False)
+
+    return jax.pmap(forward, axis_name=parallel.AXIS)
+
+
+def device_batch_size(batch_size: int, num_devices: int) -> int:
+    """`batch_size` rounded up to a multiple of `num_devices` (each device gets equal rows)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return -(-batch_size // num_devices) * num_devices
+
+
+def host_batch(images: Sequence[np.ndarray], start: int, size: int) -> np.ndarray:
+    """uint8 [size, H, W, C]: images[start : start + size], zero rows after the last image."""
+    batch = np.stack([np.asarray(images[i]) for i in range(start, min(start + size, len(images)))])
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != len(augment.MEAN):
+        raise ValueError(
+            f"expected uint8 H×W×{len(augment.MEAN)} images (R, G, B, edge), "
+            f"got {batch.dtype} {batch.shape[1:]}"
+        )
+    if len(batch) < size:
+        pad = np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)
+        batch = np.concatenate([batch, pad])
+    return batch
+
+
+def embed_images(
+    model: nn.Module,
+    variables: Any,
+    images: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    replicated: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
+    """float32 [N, D] embeddings of uint8 H×W×C `images` (random access, e.g. a
+    RecordSource), in order.
+
+    `variables` is {"params", "batch_stats"} as host arrays, or already replicated over the
+    local devices (`replicated=True`, e.g. the training loop's state).
+    """
+    num_devices = jax.local_device_count()
+    size = device_batch_size(batch_size, num_devices)
+    n = len(images)
+    if n == 0:
+        return np.zeros((0, model.dims), np.float32)
+    forward = embed_fn(model)
+    if not replicated:
+        variables = parallel.replicate(variables)
+
+    out: list[np.ndarray] = []
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as reader,
+        tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar,
+    ):
+
+        def collect(pending: tuple[int, jax.Array]) -> None:
+            count, result = pending
+            out.append(parallel.unshard(result)[:count])
+            bar.update(count)
+
+        next_batch = reader.submit(host_batch, images, 0, size)
+        pending = None
+        for start in range(0, n, size):
+            batch = next_batch.result()
+            if start + size < n:
+                next_batch = reader.submit(host_batch, images, start + size, size)
+            result = forward(variables, parallel.shard(batch, num_devices))  # asynchronous
+            if pending is not None:
+                collect(pending)  # waits for the previous batch while this one runs
+            pending = (min(size, n - start), result)
+        collect(pending)
+    return np.concatenate(out).astype(np.float32, copy=False)
