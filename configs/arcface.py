@@ -1,10 +1,10 @@
 """ArcFace (additive angular margin) on the same backbone and data."""
 
-from leopard_jax.config import load_config
+from configs import default
 
 
 def get_config():
-    c = load_config(__file__, "default.py")
+    c = default.get_config()
     c.loss.name = "arcface"
     c.loss.margin = 0.5
     return c

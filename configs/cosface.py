@@ -1,9 +1,9 @@
 """Plain CosFace (constant margin, h = 1): the paper's comparison to the adaptive margin."""
 
-from leopard_jax.config import load_config
+from configs import default
 
 
 def get_config():
-    c = load_config(__file__, "default.py")
+    c = default.get_config()
     c.loss.margin_fn = "constant"
     return c

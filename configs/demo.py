@@ -3,13 +3,13 @@
 
 import os
 
-from leopard_jax.config import load_config
+from configs import default
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config():
-    c = load_config(__file__, "default.py")
+    c = default.get_config()
     c.data_dir = os.path.join(_REPO, "demo_out", "dataset")
     c.num_epochs = 20  # 240 steps: held-out DT5AP levels off after ~15 epochs
     c.batch_size = 32

@@ -1,11 +1,11 @@
 """The paper's Triplet Network baseline: batch 32, Adam 8e-4 fixed, random negatives for the
 first 3 epochs then semi-hard negatives; singletons kept as negatives."""
 
-from leopard_jax.config import load_config
+from configs import default
 
 
 def get_config():
-    c = load_config(__file__, "default.py")
+    c = default.get_config()
     c.loss.name = "triplet"
     c.batch_size = 32
     c.keep_singletons = True

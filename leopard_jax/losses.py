@@ -7,11 +7,16 @@ everywhere, including zero-norm embeddings and cos θ = ±1.
 Each returns ``(loss, aux)``: a scalar mean over the valid rows (exactly 0 when there
 are none) and a dict of diagnostics. ``aux["num_valid"]`` lets a data-parallel caller
 weight per-device means.
+
+`LOSSES` is the registry training reads by `config.loss.name` (and config validation
+lists): a new loss is a function here and one entry there.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +82,8 @@ def _margin_function(margin_fn: MarginFn) -> Callable[[jax.Array], jax.Array]:
     except KeyError:
         raise ValueError(
             f"unknown margin_fn {margin_fn!r}; choose one of {sorted(MARGIN_FUNCTIONS)}"
-            " or pass a function of cos θ") from None
+            " or pass a function of cos θ"
+        ) from None
 
 
 # --- angular-margin softmax losses ---------------------------------------------------
@@ -116,13 +122,15 @@ def _margin_softmax_loss(cos, labels, true_logit_fn, scale):
     return loss, aux
 
 
-def cosface_loss(embeddings: jax.Array,
-                 centers: jax.Array,
-                 labels: jax.Array,
-                 *,
-                 scale: float = 64.0,
-                 margin: float = 0.28,
-                 margin_fn: MarginFn = "adaptive"):
+def cosface_loss(
+    embeddings: jax.Array,
+    centers: jax.Array,
+    labels: jax.Array,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.28,
+    margin_fn: MarginFn = "adaptive",
+):
     """Large-margin cosine loss with the true-class logit s·(cos θ_y − m·h(cos θ_y)).
 
     Args:
@@ -142,8 +150,9 @@ def cosface_loss(embeddings: jax.Array,
       aux["accuracy"] (argmax of cos θ, no margin), aux["num_valid"].
     """
     h = _margin_function(margin_fn)
-    return _margin_softmax_loss(cosine_logits(embeddings, centers), labels,
-                                lambda c: c - margin * h(c), scale)
+    return _margin_softmax_loss(
+        cosine_logits(embeddings, centers), labels, lambda c: c - margin * h(c), scale
+    )
 
 
 def arcface_true_logit(cos: jax.Array, margin: float) -> jax.Array:
@@ -163,18 +172,21 @@ def arcface_true_logit(cos: jax.Array, margin: float) -> jax.Array:
     return jnp.where(cos > threshold, shifted, cos - margin * sin_m)
 
 
-def arcface_loss(embeddings: jax.Array,
-                 centers: jax.Array,
-                 labels: jax.Array,
-                 *,
-                 scale: float = 64.0,
-                 margin: float = 0.5):
+def arcface_loss(
+    embeddings: jax.Array,
+    centers: jax.Array,
+    labels: jax.Array,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.5,
+):
     """Additive angular margin loss (Deng et al. 2019): true logit s·cos(θ_y + m).
 
     Same arguments and aux as cosface_loss.
     """
-    return _margin_softmax_loss(cosine_logits(embeddings, centers), labels,
-                                lambda c: arcface_true_logit(c, margin), scale)
+    return _margin_softmax_loss(
+        cosine_logits(embeddings, centers), labels, lambda c: arcface_true_logit(c, margin), scale
+    )
 
 
 # --- triplet loss with the paper's mining --------------------------------------------
@@ -187,13 +199,15 @@ def euclidean_distances(x: jax.Array) -> jax.Array:
     return _safe_sqrt(jnp.maximum(d2, 0.0))
 
 
-def triplet_loss(embeddings: jax.Array,
-                 labels: jax.Array,
-                 key: jax.Array,
-                 *,
-                 margin: float = 0.2,
-                 semi_hard: bool | jax.Array = True,
-                 fallback_to_random: bool = False):
+def triplet_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    *,
+    margin: float = 0.2,
+    semi_hard: bool | jax.Array = True,
+    fallback_to_random: bool = False,
+):
     """Triplet loss max(d(a,p) − d(a,n) + α, 0) over every positive pair in the batch.
 
     Every ordered pair (anchor a, positive p ≠ a) of the same label gets one negative:
@@ -222,7 +236,7 @@ def triplet_loss(embeddings: jax.Array,
     same = labels[:, None] == labels[None, :]
     both_valid = valid[:, None] & valid[None, :]
     positive = same & both_valid & ~jnp.eye(batch, dtype=bool)  # [a, p]
-    negative = ~same & both_valid                               # [a, n]
+    negative = ~same & both_valid  # [a, n]
 
     # Mining works on [a, p, n]; selection carries no gradient (it is a choice).
     d = jax.lax.stop_gradient(dist)
@@ -239,15 +253,14 @@ def triplet_loss(embeddings: jax.Array,
     candidates = jnp.where(use_semi_hard, mined, negative_apn)
     # Inverse-distance weights for semi-hard picks, uniform for random ones; sampled by
     # Gumbel-max so that one static-shape argmax draws every pair's negative at once.
-    log_weight = jnp.where(use_semi_hard & semi_hard_apn,
-                           -jnp.log(jnp.maximum(d_an, 1e-12)), 0.0)
+    log_weight = jnp.where(use_semi_hard & semi_hard_apn, -jnp.log(jnp.maximum(d_an, 1e-12)), 0.0)
     gumbel = jax.random.gumbel(key, (batch, batch, batch), dtype=dist.dtype)
     scores = jnp.where(candidates, log_weight + gumbel, -jnp.inf)
-    neg_index = jnp.argmax(scores, axis=-1)                     # [a, p]
+    neg_index = jnp.argmax(scores, axis=-1)  # [a, p]
     used = positive & jnp.any(candidates, axis=-1)
 
     d_an_chosen = jnp.take_along_axis(dist, neg_index, axis=1)  # dist[a, neg[a, p]]
-    per_triplet = jax.nn.relu(dist - d_an_chosen + margin)      # dist[a, p] = d(a, p)
+    per_triplet = jax.nn.relu(dist - d_an_chosen + margin)  # dist[a, p] = d(a, p)
     num_triplets = jnp.sum(used)
     denom = jnp.maximum(num_triplets, 1).astype(dist.dtype)
     loss = jnp.sum(jnp.where(used, per_triplet, 0.0)) / denom
@@ -258,3 +271,50 @@ def triplet_loss(embeddings: jax.Array,
         "negative_index": jnp.where(used, neg_index, -1),
     }
     return loss, aux
+
+
+# --- registry: the losses training can use, by config.loss.name ---------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A training loss as the training step calls it.
+
+    `fn(loss_config, embeddings, centers, labels, key, epoch) -> (mean loss, used)`, where
+    `used` counts the samples (or triplets) the mean is over, so data-parallel devices can
+    weight their means. `uses_centers`: it trains class centres (params["centers"]).
+    `metric`: the distance held-out retrieval ranks by ("cosine" or "euclidean").
+    """
+
+    fn: Callable[..., tuple[jax.Array, jax.Array]]
+    uses_centers: bool
+    metric: str
+
+
+def _cosface(c: Any, embeddings, centers, labels, key, epoch):
+    del key, epoch
+    loss, aux = cosface_loss(
+        embeddings, centers, labels, scale=c.scale, margin=c.margin, margin_fn=c.margin_fn
+    )
+    return loss, aux["num_valid"]
+
+
+def _arcface(c: Any, embeddings, centers, labels, key, epoch):
+    del key, epoch
+    loss, aux = arcface_loss(embeddings, centers, labels, scale=c.scale, margin=c.margin)
+    return loss, aux["num_valid"]
+
+
+def _triplet(c: Any, embeddings, centers, labels, key, epoch):
+    """Random negatives for the warm-up epochs, then semi-hard mining (`epoch` may be traced)."""
+    del centers
+    semi_hard = epoch >= c.triplet_warmup_epochs
+    loss, aux = triplet_loss(embeddings, labels, key, margin=c.triplet_margin, semi_hard=semi_hard)
+    return loss, aux["num_triplets"]
+
+
+LOSSES: Mapping[str, Loss] = {
+    "cosface": Loss(_cosface, uses_centers=True, metric="cosine"),
+    "arcface": Loss(_arcface, uses_centers=True, metric="cosine"),
+    "triplet": Loss(_triplet, uses_centers=False, metric="euclidean"),
+}

@@ -20,12 +20,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "demo_out"
 PHOTOS, DATASET, WORKDIR = OUT / "photos", OUT / "dataset", OUT / "workdir"
 EMBEDDINGS, EVAL = OUT / "embeddings.npz", OUT / "evaluation"
+CONFIG = REPO / "configs" / "demo.py"
 PY = sys.executable
 
 
-def run(*args: str) -> None:
-    print("\n$ " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
-    subprocess.run([str(a) for a in args], cwd=REPO, check=True)
+def run(module: str, *args: str) -> None:
+    """`python -m module args`, printed first as a user would type it."""
+    command = [PY, "-m", module, *map(str, args)]
+    print("\n$ " + " ".join(shlex.quote(a) for a in command), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
 
 
 def held_out(rows, split):
@@ -42,8 +45,12 @@ def raw_pixel_vectors(dataset_dir: pathlib.Path, rows):
     from leopard_jax.data import records
 
     source = records.RecordSource(dataset_dir, rows)
-    vectors = np.stack([cv2.resize(source[i], (64, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
-                                            for i in range(len(source))])
+    vectors = np.stack(
+        [
+            cv2.resize(source[i], (64, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+            for i in range(len(source))
+        ]
+    )
     vectors -= vectors.mean(axis=1, keepdims=True)
     return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-9)
 
@@ -57,23 +64,31 @@ def exported_vectors(rows):
     return table.embeddings[[index[r["key"]] for r in rows]]
 
 
+def per_query_dt5ap(vectors, identities):
+    """(each query's DT5AP, whether it has a class mate to find)."""
+    from leopard_jax import metrics
+
+    scores = metrics.per_query_metrics(vectors, identities, k_max=5)
+    return scores["DTkAP"][:, 4], scores["class_mates"] > 0
+
+
 def main() -> None:
     start = time.perf_counter()
     OUT.mkdir(exist_ok=True)
     if not PHOTOS.is_dir():
-        run(PY, "-m", "leopard_jax.data.synthetic", "--out", PHOTOS, "--identities", "80",
-            "--images-per-identity", "6", "--seed", "0",
-            "--height", "240", "--width", "320")  # the crops are 64×128: bigger photos only cost time
-    run(PY, "-m", "leopard_jax.preprocess", "--input", PHOTOS, "--output", DATASET, "--detector", "none",
-        "--config.render.height=64", "--config.render.width=128")
+        # the crops are 64×128: bigger photos only cost time
+        synthetic = ["--identities=80", "--images-per-identity=6", "--height=240", "--width=320"]
+        run("leopard_jax.data.synthetic", f"--out={PHOTOS}", "--seed=0", *synthetic)
+    options = ["--detector=none", "--config.render.height=64", "--config.render.width=128"]
+    run("leopard_jax.preprocess", f"--input={PHOTOS}", f"--output={DATASET}", *options)
     if not (DATASET / "split.json").is_file():
-        run(PY, "-m", "leopard_jax.data.split", "--data", DATASET, "--test-fraction", "0.25", "--seed", "0")
-    run(PY, "-m", "leopard_jax.train", "--config", REPO / "configs" / "demo.py", "--workdir", WORKDIR)
-    run(PY, "-m", "leopard_jax.embed", "--checkpoint", WORKDIR, "--data", DATASET, "--out", EMBEDDINGS)
+        run("leopard_jax.data.split", f"--data={DATASET}", "--test-fraction=0.25", "--seed=0")
+    run("leopard_jax.train", f"--config={CONFIG}", f"--workdir={WORKDIR}")
+    run("leopard_jax.embed", f"--checkpoint={WORKDIR}", f"--data={DATASET}", f"--out={EMBEDDINGS}")
 
     # Evaluate on the held-out individuals only: the training individuals are no test.
-    run(PY, "-m", "leopard_jax.evaluate", "--embeddings", EMBEDDINGS, "--split", "test", "--data", DATASET,
-        "--out", EVAL)
+    on_test = [f"--data={DATASET}", "--split=test"]
+    run("leopard_jax.evaluate", f"--embeddings={EMBEDDINGS}", *on_test, f"--out={EVAL}")
 
     import numpy as np
 
@@ -89,8 +104,11 @@ def main() -> None:
     trained = json.loads((EVAL / "metrics.json").read_text())
     raw_vectors = raw_pixel_vectors(DATASET, test_rows)
     raw = metrics.retrieval_metrics(raw_vectors, identities, k_max=10)
-    print(f"\nHeld-out: {len(set(identities))} flanks of {len({individual(i) for i in identities})} individuals, "
-          f"{len(test_rows)} images")
+    animals = np.array([individual(i) for i in identities])
+    print(
+        f"\nHeld-out: {len(set(identities))} flanks of {len(set(animals))} individuals, "
+        f"{len(test_rows)} images"
+    )
     print(f"{'model':<32}{'DT5AP':>8}{'T5RMD':>8}")
     print(f"{'raw-pixel nearest neighbour':<32}{raw['DT5AP']:>8.3f}{raw['T5RMD']:>8.3f}")
     print(f"{'untrained network':<32}{first['test_DT5AP']:>8.3f}{first['test_T5RMD']:>8.3f}")
@@ -100,18 +118,19 @@ def main() -> None:
     print(f"{'trained, best epoch (exported)':<32}{trained['DT5AP']:>8.3f}{trained['T5RMD']:>8.3f}")
 
     # A few held-out animals make a noisy score: how sure is the gain over raw pixels?
-    def per_query_dt5ap(vectors):
-        scores = metrics.per_query_metrics(vectors, identities, k_max=5)
-        return scores["DTkAP"][:, 4], scores["class_mates"] > 0
-
-    ours, counted = per_query_dt5ap(exported_vectors(test_rows))
-    theirs, _ = per_query_dt5ap(raw_vectors)
-    animals = np.array([individual(i) for i in identities])
+    ours, counted = per_query_dt5ap(exported_vectors(test_rows), identities)
+    theirs, _ = per_query_dt5ap(raw_vectors, identities)
     gain = metrics.paired_bootstrap(ours[counted], theirs[counted], animals[counted])
-    print(f"\nexported − raw pixels: DT5AP {gain['diff']:+.3f}, 95 % interval [{gain['low']:+.3f}, {gain['high']:+.3f}] "
-          f"resampling the {gain['groups']} held-out individuals; no gain in {100 * gain['p_not_better']:.1f} % of resamples")
+    print(
+        f"\nexported − raw pixels: DT5AP {gain['diff']:+.3f}, "
+        f"95 % interval [{gain['low']:+.3f}, {gain['high']:+.3f}] "
+        f"resampling the {gain['groups']} held-out individuals; "
+        f"no gain in {100 * gain['p_not_better']:.1f} % of resamples"
+    )
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {OUT}")
-    print(f"next: python -m leopard_jax.review --embeddings {EMBEDDINGS} --store {OUT / 'matches.db'}")
+    print(
+        f"next: python -m leopard_jax.review --embeddings {EMBEDDINGS} --store {OUT / 'matches.db'}"
+    )
 
 
 if __name__ == "__main__":

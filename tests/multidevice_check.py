@@ -15,40 +15,69 @@ import sys
 import jax
 import numpy as np
 import optax
-from flax import jax_utils, traverse_util
+from flax import traverse_util
 
-from leopard_jax import train_step as ts
-from leopard_jax.config import load_config
+from configs import demo
+from leopard_jax import parallel
 from leopard_jax.data import pipeline, records
+from leopard_jax.train import state as state_lib
+from leopard_jax.train import steps
 
 
 def main(dataset: str, n_devices: int) -> None:
-    config = load_config(__file__, "../configs/demo.py")
+    config = demo.get_config()
     config.model.backbone, config.model.dims, config.seed = "resnet18", 16, 3
     rows = [r for r in records.read_manifest(dataset) if r["split"] == "train"]
     labels = np.unique([r["identity"] for r in rows], return_inverse=True)[1].astype(np.int32)
     height, width, channels = records.record_shape(records.load_settings(dataset))
-    model, tx = ts.build_model(config.model), optax.sgd(1e-4)
-    state = ts.init_state(config, model, num_classes=int(labels.max()) + 1, input_shape=(height, width, channels), tx=tx)
-    step = functools.partial(ts.train_step, model=model, tx=tx, loss_config=config.loss)
+    model, tx = state_lib.build_model(config.model), optax.sgd(1e-4)
+    state = state_lib.init_state(
+        config,
+        model,
+        num_classes=int(labels.max()) + 1,
+        input_shape=(height, width, channels),
+        tx=tx,
+    )
+    step = functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss)
     result = {}
     for n in (1, n_devices):
         devices = jax.devices()[:n]
-        p_step = jax.pmap(step, axis_name=ts.AXIS, devices=devices)
-        rstate, epoch, losses = ts.replicate(state, devices), jax_utils.replicate(np.int32(0), devices), []
-        for batch in pipeline.train_loader(rows, dataset, labels=labels, global_batch=8, seed=3, epoch=0,
-                                           num_devices=n, augment_config=config.augment.to_dict()):
-            rstate, logs = p_step(rstate, {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}, epoch)
-            losses.append(float(logs["loss"][0]))
-        params = traverse_util.flatten_dict(jax.device_get(jax_utils.unreplicate(rstate)).params, sep="/")
+        p_step = jax.pmap(step, axis_name=parallel.AXIS, devices=devices)
+        rstate, epoch = parallel.replicate(state, devices), parallel.replicate(np.int32(0), devices)
+        losses = []
+        for batch in pipeline.train_loader(
+            rows,
+            dataset,
+            labels=labels,
+            global_batch=8,
+            seed=3,
+            epoch=0,
+            num_devices=n,
+            augment_config=config.augment.to_dict(),
+        ):
+            rstate, logs = p_step(rstate, parallel.shard(batch, n), epoch)
+            losses.append(float(np.ravel(parallel.unreplicate(logs)["loss"])[0]))
+        # reshaped: over a subset of the local devices, flax's unreplicate keeps the device axis
+        params = jax.tree.map(
+            lambda x, ref: np.reshape(x, np.shape(ref)),
+            parallel.unreplicate(rstate).params,
+            state.params,
+        )
+        params = traverse_util.flatten_dict(params, sep="/")
         result[n] = (losses, params)
     (losses_1, params_1), (losses_n, params_n) = result[1], result[n_devices]
-    print(json.dumps({
-        "losses_1": losses_1,
-        "losses_n": losses_n,
-        "max_param_diff": max(float(np.abs(params_1[k] - params_n[k]).max()) for k in params_1),
-        "max_param": max(float(np.abs(params_1[k]).max()) for k in params_1),
-    }))
+    print(
+        json.dumps(
+            {
+                "losses_1": losses_1,
+                "losses_n": losses_n,
+                "max_param_diff": max(
+                    float(np.abs(params_1[k] - params_n[k]).max()) for k in params_1
+                ),
+                "max_param": max(float(np.abs(params_1[k]).max()) for k in params_1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@ def _blobs(seed):
     rng = np.random.default_rng(seed)
     image = np.zeros((H, W), np.uint8)
     for _ in range(25):
-        cv2.circle(image, (int(rng.integers(0, W)), int(rng.integers(0, H))), int(rng.integers(2, 6)),
-                   int(rng.integers(80, 256)), -1)
+        cv2.circle(
+            image,
+            (int(rng.integers(0, W)), int(rng.integers(0, H))),
+            int(rng.integers(2, 6)),
+            int(rng.integers(80, 256)),
+            -1,
+        )
     return image
 
 
@@ -25,7 +30,9 @@ def test_normalize_matches_per_channel_formula():
     out = augment.normalize(image)
     assert out.dtype == np.float32 and out.shape == image.shape
     for c in range(4):
-        np.testing.assert_allclose(out[..., c], (image[..., c] / 255.0 - mean[c]) / std[c], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            out[..., c], (image[..., c] / 255.0 - mean[c]) / std[c], rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(ValueError, match="4 channels"):
         augment.normalize(image[..., :3])
 
@@ -71,7 +78,9 @@ def test_edge_channel_untouched_by_colour_jitter():
     rgb = np.dstack([_blobs(2), _blobs(3), _blobs(4)])
     edge = _blobs(5)
     image = np.dstack([rgb, edge])
-    jitter_only = augment.AugmentConfig(rotate_deg=0, crop_fraction=0, brightness=0.5, contrast=0.5, saturation=0.5)
+    jitter_only = augment.AugmentConfig(
+        rotate_deg=0, crop_fraction=0, brightness=0.5, contrast=0.5, saturation=0.5
+    )
     out = augment.augment(image, np.random.default_rng(0), jitter_only)
     np.testing.assert_array_equal(out[..., 3], edge)
     assert np.abs(out[..., :3].astype(int) - rgb).mean() > 1.0, "jitter did nothing to RGB"
@@ -88,7 +97,9 @@ def test_colour_jitter_matches_sequential_definitions():
     """One colour matrix == brightness, then contrast around the mean grey, then saturation
     towards each pixel's grey (torchvision's definitions), clipped once."""
     image = np.random.default_rng(0).integers(0, 256, (H, W, 4), dtype=np.uint8)
-    no_geometry = augment.AugmentConfig(rotate_deg=0, crop_fraction=0, brightness=0.3, contrast=0.3, saturation=0.3)
+    no_geometry = augment.AugmentConfig(
+        rotate_deg=0, crop_fraction=0, brightness=0.3, contrast=0.3, saturation=0.3
+    )
     for seed in range(4):
         rng = np.random.default_rng(seed)
         rng.uniform(size=5)  # the geometry draws come first

@@ -14,12 +14,15 @@ IDENTITIES, PER_IDENTITY = 9, 5
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("dataset")
-    n = synthetic.write_records_dataset(path, IDENTITIES, PER_IDENTITY, seed=3, height=H, width=W,
-                                        photo_height=96, photo_width=128)
+    n = synthetic.write_records_dataset(
+        path, IDENTITIES, PER_IDENTITY, seed=3, height=H, width=W, photo_height=96, photo_width=128
+    )
     assert n == IDENTITIES * PER_IDENTITY
     rows = records.read_manifest(path)
     # one singleton identity, so the drop/keep setting matters
-    rows = [r for r in rows if not (r["identity"] == "A004_left" and not r["key"].endswith("_000#0"))]
+    rows = [
+        r for r in rows if not (r["identity"] == "A004_left" and not r["key"].endswith("_000#0"))
+    ]
     return path, rows
 
 
@@ -36,7 +39,11 @@ def test_records_round_trip_the_rendered_photos(dataset):
     expected = list(synthetic.photos(IDENTITIES, PER_IDENTITY, seed=3, height=96, width=128))
     for i in (0, 7, len(rows) - 1):
         identity, flank, stem, photo = expected[i]
-        assert (rows[i]["identity"], rows[i]["flank"], rows[i]["index"]) == (identity, flank, str(i))
+        assert (rows[i]["identity"], rows[i]["flank"], rows[i]["index"]) == (
+            identity,
+            flank,
+            str(i),
+        )
         crop = synthetic.cv2.resize(photo, (W, H), interpolation=synthetic.cv2.INTER_AREA)
         np.testing.assert_array_equal(source[i][..., :3], crop[..., ::-1])
         np.testing.assert_array_equal(source[i][..., 3], synthetic.simple_edges(crop))
@@ -51,7 +58,9 @@ def test_train_epoch_uses_every_kept_image_once(dataset):
     classes = pipeline.class_names(rows, keep_singletons=False)
     assert "A004_left" not in classes and len(classes) == IDENTITIES - 1
     labels = np.concatenate([b["label"][b["mask"]] for b in batches])
-    expected = collections.Counter(classes.index(r["identity"]) for r in rows if r["identity"] in classes)
+    expected = collections.Counter(
+        classes.index(r["identity"]) for r in rows if r["identity"] in classes
+    )
     assert collections.Counter(labels.tolist()) == expected
     for b in batches:
         assert b["image"].shape == (8, H, W, 4) and b["image"].dtype == np.float32
@@ -66,11 +75,15 @@ def test_images_are_the_augmented_records(dataset):
     """Each train image is normalize(augment(record, rng(seed, epoch, position)))."""
     path, rows = dataset
     table = pipeline.train_table(rows, global_batch=8, seed=5, epoch=2, num_devices=1)
-    batch = next(iter(pipeline.train_loader(rows, path, global_batch=8, seed=5, epoch=2, num_devices=1)))
+    batch = next(
+        iter(pipeline.train_loader(rows, path, global_batch=8, seed=5, epoch=2, num_devices=1))
+    )
     source = records.RecordSource(path, rows)
     for slot in (0, 5):
         rng = np.random.default_rng([5, 2, slot])
-        expected = augment.normalize(augment.augment(source[table[0, slot]], rng, augment.AugmentConfig()))
+        expected = augment.normalize(
+            augment.augment(source[table[0, slot]], rng, augment.AugmentConfig())
+        )
         np.testing.assert_array_equal(batch["image"][slot], expected)
 
 
@@ -88,7 +101,10 @@ def test_process_slices_are_columns_of_the_global_batch(dataset):
     path, rows = dataset
     kw = dict(global_batch=8, seed=1, epoch=0, num_devices=4)
     whole = _batches(pipeline.train_loader(rows, path, **kw))
-    parts = [_batches(pipeline.train_loader(rows, path, process_index=p, process_count=2, **kw)) for p in range(2)]
+    parts = [
+        _batches(pipeline.train_loader(rows, path, process_index=p, process_count=2, **kw))
+        for p in range(2)
+    ]
     assert len(parts[0]) == len(parts[1]) == len(whole)
     for w, a, b in zip(whole, *parts):
         for key in w:
@@ -102,7 +118,9 @@ def test_same_stream_for_same_seed_and_epoch(dataset):
     b = _batches(pipeline.train_loader(rows, path, epoch=0, **kw))
     c = _batches(pipeline.train_loader(rows, path, epoch=1, **kw))
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
-    assert not np.array_equal(np.concatenate([x["label"] for x in a]), np.concatenate([x["label"] for x in c]))
+    assert not np.array_equal(
+        np.concatenate([x["label"] for x in a]), np.concatenate([x["label"] for x in c])
+    )
 
 
 def test_a_multi_epoch_stream_is_the_epochs_in_sequence(dataset):
@@ -110,7 +128,8 @@ def test_a_multi_epoch_stream_is_the_epochs_in_sequence(dataset):
     kw = dict(global_batch=8, seed=1, num_devices=2)
     stream = pipeline.train_loader(rows, path, epoch=3, num_epochs=2, **kw)
     single = _batches(pipeline.train_loader(rows, path, epoch=3, **kw)) + _batches(
-        pipeline.train_loader(rows, path, epoch=4, **kw))
+        pipeline.train_loader(rows, path, epoch=4, **kw)
+    )
     assert stream.steps == len(single) and stream.steps_per_epoch == len(single) // 2
     for a, b in zip(_batches(stream), single, strict=True):
         for key in a:
@@ -118,7 +137,14 @@ def test_a_multi_epoch_stream_is_the_epochs_in_sequence(dataset):
 
 
 def _state_round_trip(path, rows, worker_count):
-    kw = dict(global_batch=8, seed=2, epoch=1, num_devices=2, worker_count=worker_count, keep_singletons=True)
+    kw = dict(
+        global_batch=8,
+        seed=2,
+        epoch=1,
+        num_devices=2,
+        worker_count=worker_count,
+        keep_singletons=True,
+    )
     it = iter(pipeline.train_loader(rows, path, **kw))
     for _ in range(2):
         next(it)
@@ -145,23 +171,6 @@ def test_worker_processes_give_the_same_stream_and_state(dataset):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_eval_batches_in_order_unaugmented_padded(dataset):
-    path, rows = dataset
-    rows = rows[:11] + [dict(rows[11], identity="")]  # an unlabelled record
-    epoch = pipeline.eval_batches(rows, path, batch=5)
-    batches = _batches(epoch)
-    assert len(batches) == len(epoch) == 3
-    source = records.RecordSource(path, rows)
-    images = np.concatenate([b["image"] for b in batches])
-    np.testing.assert_array_equal(images[: len(rows)], augment.normalize(np.stack(list(source))))
-    mask = np.concatenate([b["mask"] for b in batches])
-    labels = np.concatenate([b["label"] for b in batches])
-    assert mask.tolist() == [True] * 12 + [False] * 3
-    classes = pipeline.class_names(rows)
-    assert labels[:11].tolist() == [classes.index(r["identity"]) for r in rows[:11]]
-    assert labels[11:].tolist() == [-1] * 4
-
-
 def test_bad_inputs_fail_clearly(dataset, tmp_path):
     path, rows = dataset
     with pytest.raises(ValueError, match="no training images"):
@@ -169,4 +178,4 @@ def test_bad_inputs_fail_clearly(dataset, tmp_path):
     with pytest.raises(ValueError, match="multiple of num_shards"):
         pipeline.train_loader(rows, path, global_batch=6, seed=0, epoch=0, num_devices=4)
     with pytest.raises(records.DatasetError, match="settings.json"):
-        pipeline.eval_batches(rows, tmp_path, batch=4)
+        pipeline.train_loader(rows, tmp_path, global_batch=8, seed=0, epoch=0, num_devices=1)

@@ -58,7 +58,9 @@ def test_same_seed_and_epoch_same_order_next_epoch_differs():
 def test_draw_weight_is_log_of_remaining_plus_one():
     """First draw of an epoch: P(identity) = log(n+1) / Σ log(n_j+1), checked by frequency."""
     labels = np.repeat([0, 1, 2], [2, 8, 30])
-    first = np.array([labels[sampling.epoch_groups(labels, seed=0, epoch=e)[0][0]] for e in range(3000)])
+    first = np.array(
+        [labels[sampling.epoch_groups(labels, seed=0, epoch=e)[0][0]] for e in range(3000)]
+    )
     expected = np.log1p([2, 8, 30]) / np.log1p([2, 8, 30]).sum()
     observed = np.bincount(first, minlength=3) / len(first)
     np.testing.assert_allclose(observed, expected, atol=0.03)
@@ -82,7 +84,9 @@ def test_batches_use_every_image_once_and_pad_only_the_end(global_batch, num_sha
 
 def test_device_shards_hold_whole_groups_when_sizes_allow():
     """Groups of 4 and 2 always fit shards of 8: no group may be split."""
-    labels = np.repeat(np.arange(40), np.where(np.arange(40) % 3 == 0, 6, 8))  # 4+2 or 4+4 per identity
+    labels = np.repeat(
+        np.arange(40), np.where(np.arange(40) % 3 == 0, 6, 8)
+    )  # 4+2 or 4+4 per identity
     groups = sampling.epoch_groups(labels, seed=1, epoch=0)
     table = sampling.epoch_batches(groups, global_batch=32, num_shards=4)
     shard_of = {int(i): s for s, shard in enumerate(_shards(table, 4)) for i in shard if i >= 0}

@@ -35,8 +35,10 @@ def ref_margin_softmax(emb, centers, labels, scale, true_logit):
     for x, y in zip(emb.astype(np.float64), labels):
         if y < 0:
             continue
-        cos = [float(np.dot(x, c) / (np.linalg.norm(x) * np.linalg.norm(c)))
-               for c in centers.astype(np.float64)]
+        cos = [
+            float(np.dot(x, c) / (np.linalg.norm(x) * np.linalg.norm(c)))
+            for c in centers.astype(np.float64)
+        ]
         logits = [scale * (true_logit(cj) if j == y else cj) for j, cj in enumerate(cos)]
         top = max(logits)
         total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[y]
@@ -45,7 +47,7 @@ def ref_margin_softmax(emb, centers, labels, scale, true_logit):
 
 
 def ref_adaptive_h(cos):
-    return ((1 - cos ** 2) ** 4 + 0.1) / 1.1
+    return ((1 - cos**2) ** 4 + 0.1) / 1.1
 
 
 def ref_arcface_true(cos, m):
@@ -56,12 +58,12 @@ def ref_arcface_true(cos, m):
 # --- CosFace / ArcFace values --------------------------------------------------------
 
 
-@pytest.mark.parametrize("margin_fn, h", [("constant", lambda c: 1.0),
-                                         ("adaptive", ref_adaptive_h)])
+@pytest.mark.parametrize(
+    "margin_fn, h", [("constant", lambda c: 1.0), ("adaptive", ref_adaptive_h)]
+)
 def test_cosface_matches_reference(batch, margin_fn, h):
     emb, centers, labels = batch
-    loss, aux = cosface(emb, centers, labels, scale=30.0, margin=0.35,
-                                    margin_fn=margin_fn)
+    loss, aux = cosface(emb, centers, labels, scale=30.0, margin=0.35, margin_fn=margin_fn)
     ref = ref_margin_softmax(emb, centers, labels, 30.0, lambda c: c - 0.35 * h(c))
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     assert aux["logits"].shape == (B, C) and aux["cos_true"].shape == (B,)
@@ -71,8 +73,7 @@ def test_cosface_matches_reference(batch, margin_fn, h):
 def test_arcface_matches_reference(batch):
     emb, centers, labels = batch
     loss, _ = arcface(emb, centers, labels, scale=30.0, margin=0.5)
-    ref = ref_margin_softmax(emb, centers, labels, 30.0,
-                             lambda c: ref_arcface_true(c, 0.5))
+    ref = ref_margin_softmax(emb, centers, labels, 30.0, lambda c: ref_arcface_true(c, 0.5))
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
 
 
@@ -110,7 +111,7 @@ def test_custom_margin_function_of_ones_is_original_cosface(batch):
 def test_margin_functions_shape():
     cos = jnp.linspace(-1.0, 1.0, 201)
     h = losses.MARGIN_FUNCTIONS["adaptive"](cos)
-    assert float(h[100]) == pytest.approx(1.0)               # orthogonal: full margin
+    assert float(h[100]) == pytest.approx(1.0)  # orthogonal: full margin
     assert float(h[0]) == float(h[-1]) == pytest.approx(0.1 / 1.1)
     assert float(jnp.max(h)) == pytest.approx(1.0)
 
@@ -124,19 +125,24 @@ def test_unknown_margin_function_raises(batch):
 def test_all_padding_gives_zero_loss_and_zero_gradient(batch):
     emb, centers, _ = batch
     labels = -np.ones(B, int)
-    loss, grad = jax.jit(jax.value_and_grad(
-        lambda e: losses.cosface_loss(e, centers, labels)[0]))(emb)
+    loss, grad = jax.jit(jax.value_and_grad(lambda e: losses.cosface_loss(e, centers, labels)[0]))(
+        emb
+    )
     assert float(loss) == 0.0 and float(jnp.max(jnp.abs(grad))) == 0.0
 
 
 # --- gradients -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_fn", [
-    lambda e, c, y: losses.cosface_loss(e, c, y, margin_fn="adaptive")[0],
-    lambda e, c, y: losses.cosface_loss(e, c, y, margin_fn="constant")[0],
-    lambda e, c, y: losses.arcface_loss(e, c, y)[0],
-], ids=["cosface_adaptive", "cosface_constant", "arcface"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda e, c, y: losses.cosface_loss(e, c, y, margin_fn="adaptive")[0],
+        lambda e, c, y: losses.cosface_loss(e, c, y, margin_fn="constant")[0],
+        lambda e, c, y: losses.arcface_loss(e, c, y)[0],
+    ],
+    ids=["cosface_adaptive", "cosface_constant", "arcface"],
+)
 def test_gradient_matches_finite_differences(batch, loss_fn):
     """Directional derivatives in float64 (x64 enabled only inside this test)."""
     emb, centers, labels = batch
@@ -152,8 +158,10 @@ def test_gradient_matches_finite_differences(batch, loss_fn):
             vc = jnp.asarray(rng.normal(size=c.shape))
             analytic = float(jnp.sum(grads[0] * ve) + jnp.sum(grads[1] * vc))
             eps = 1e-6
-            numeric = (float(loss_fn(e + eps * ve, c + eps * vc, y))
-                       - float(loss_fn(e - eps * ve, c - eps * vc, y))) / (2 * eps)
+            numeric = (
+                float(loss_fn(e + eps * ve, c + eps * vc, y))
+                - float(loss_fn(e - eps * ve, c - eps * vc, y))
+            ) / (2 * eps)
             assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
     assert jnp.ones(1).dtype == jnp.float32  # x64 did not leak
 
@@ -166,8 +174,9 @@ def test_gradients_finite_at_cos_plus_minus_one_and_zero_norm(batch, loss_name):
     centers = centers.copy()
     centers[4] = 0.0  # a zero-norm class centre too
     loss_fn = {"cosface": losses.cosface_loss, "arcface": losses.arcface_loss}[loss_name]
-    value_and_grad = jax.jit(jax.value_and_grad(lambda e, c: loss_fn(e, c, labels),
-                                                argnums=(0, 1), has_aux=True))
+    value_and_grad = jax.jit(
+        jax.value_and_grad(lambda e, c: loss_fn(e, c, labels), argnums=(0, 1), has_aux=True)
+    )
     (_, aux), grads = value_and_grad(emb, centers)
     cos_true = aux["cos_true"]
     np.testing.assert_allclose(cos_true, [1.0, -1.0, 0.0, 1.0], atol=1e-6)
@@ -208,8 +217,7 @@ def ref_pairs(emb, labels, margin, semi_hard):
                 continue
             negatives = [k for k in range(n) if labels[k] >= 0 and labels[k] != labels[a]]
             if semi_hard:
-                negatives = [k for k in negatives
-                             if dist(a, p) < dist(a, k) < dist(a, p) + margin]
+                negatives = [k for k in negatives if dist(a, p) < dist(a, k) < dist(a, p) + margin]
             out[(a, p)] = negatives
     return out, dist
 
@@ -218,8 +226,9 @@ def ref_pairs(emb, labels, margin, semi_hard):
 def test_triplet_choices_and_loss_follow_reference(triplet_batch, semi_hard):
     emb, labels = triplet_batch
     margin = 0.4
-    loss, aux = triplet(emb, labels, jax.random.key(0), margin=margin,
-                            semi_hard=jnp.asarray(semi_hard))
+    loss, aux = triplet(
+        emb, labels, jax.random.key(0), margin=margin, semi_hard=jnp.asarray(semi_hard)
+    )
     admissible, dist = ref_pairs(emb, labels, margin, semi_hard)
     chosen = np.asarray(aux["negative_index"])
     used = [(a, p) for (a, p), negs in admissible.items() if negs]
@@ -238,8 +247,11 @@ def test_triplet_choices_and_loss_follow_reference(triplet_batch, semi_hard):
 
 def test_semi_hard_switch_is_traced_not_recompiled(triplet_batch):
     emb, labels = triplet_batch
-    count = lambda s: int(triplet(emb, labels, jax.random.key(0), margin=0.4,  # noqa: E731
-                                   semi_hard=jnp.asarray(s))[1]["num_triplets"])
+
+    def count(s):
+        loss = triplet(emb, labels, jax.random.key(0), margin=0.4, semi_hard=jnp.asarray(s))
+        return int(loss[1]["num_triplets"])
+
     warm_up = count(False)
     cache_size = triplet._cache_size()
     assert warm_up > count(True)
@@ -252,8 +264,11 @@ def draw_negatives(keys, semi_hard):
     distance 1; negatives at 1.1, 1.2, 1.35 (semi-hard for α = 0.5) and 3.0 (too far)."""
     emb = jnp.array([[0.0], [1.0], [1.1], [1.2], [1.35], [3.0]])
     labels = jnp.array([0, 0, 1, 2, 3, 4])
-    draw = lambda k: losses.triplet_loss(emb, labels, k, margin=0.5,  # noqa: E731
-                                         semi_hard=semi_hard)[1]["negative_index"][0, 1]
+
+    def draw(k):
+        _, aux = losses.triplet_loss(emb, labels, k, margin=0.5, semi_hard=semi_hard)
+        return aux["negative_index"][0, 1]
+
     return jax.vmap(draw)(keys)
 
 
@@ -274,24 +289,31 @@ def test_warm_up_negatives_are_uniform():
 
 def test_fallback_to_random_uses_every_pair(triplet_batch):
     emb, labels = triplet_batch
-    _, aux = triplet(emb, labels, jax.random.key(0), margin=0.4, semi_hard=True,
-                         fallback_to_random=True)
+    _, aux = triplet(
+        emb, labels, jax.random.key(0), margin=0.4, semi_hard=True, fallback_to_random=True
+    )
     assert int(aux["num_triplets"]) == int(aux["num_pairs"])
 
 
 @jax.jit
 def triplet_value_and_grad(emb, labels, semi_hard):
     return jax.value_and_grad(
-        lambda e: losses.triplet_loss(e, labels, jax.random.key(0), margin=0.2,
-                                      semi_hard=semi_hard), has_aux=True)(emb)
+        lambda e: losses.triplet_loss(
+            e, labels, jax.random.key(0), margin=0.2, semi_hard=semi_hard
+        ),
+        has_aux=True,
+    )(emb)
 
 
-@pytest.mark.parametrize("labels, semi_hard", [
-    ([0, 0, 0, 0], False),        # no negative at all
-    ([0, 1, 2, 3], False),        # no positive pair
-    ([-1, -1, -1, -1], True),     # all padding
-    ([0, 0, 1, 1], True),         # negatives exist but none is semi-hard
-])
+@pytest.mark.parametrize(
+    "labels, semi_hard",
+    [
+        ([0, 0, 0, 0], False),  # no negative at all
+        ([0, 1, 2, 3], False),  # no positive pair
+        ([-1, -1, -1, -1], True),  # all padding
+        ([0, 0, 1, 1], True),  # negatives exist but none is semi-hard
+    ],
+)
 def test_triplet_loss_is_exactly_zero_when_no_triplet_is_used(labels, semi_hard):
     # Duplicate embeddings (d = 0) also exercise the sqrt at zero.
     emb = jnp.array([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [5.0, 0.0]])
@@ -307,3 +329,21 @@ def test_triplet_gradient_finite_with_duplicate_embeddings():
     (_, aux), grad = triplet_value_and_grad(emb, labels, jnp.asarray(False))
     assert int(aux["num_triplets"]) == 4
     assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_registry_entries_call_their_loss_with_the_config_values(batch):
+    """losses.LOSSES is what training and config validation read by config.loss.name."""
+    import types
+
+    emb, centers, labels = batch
+    c = types.SimpleNamespace(scale=16.0, margin=0.3, margin_fn="spotid_code")
+    direct = {
+        "cosface": cosface(emb, centers, labels, scale=16.0, margin=0.3, margin_fn="spotid_code"),
+        "arcface": arcface(emb, centers, labels, scale=16.0, margin=0.3),
+    }
+    for name, (expected, _) in direct.items():
+        loss, used = losses.LOSSES[name].fn(c, emb, centers, labels, None, 0)
+        np.testing.assert_allclose(loss, expected, rtol=1e-6)
+        assert int(used) == int(np.sum(labels >= 0))
+    assert {n for n, entry in losses.LOSSES.items() if entry.uses_centers} == {"cosface", "arcface"}
+    assert {entry.metric for entry in losses.LOSSES.values()} <= {"cosine", "euclidean"}

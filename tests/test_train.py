@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+from leopard_jax import losses
 from leopard_jax.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +39,16 @@ def dataset(tmp_path_factory) -> pathlib.Path:
         pattern = rng.integers(0, 256, (HEIGHT, WIDTH, 4))
         for k in range(4):
             image = np.clip(pattern + rng.normal(0, 20, pattern.shape), 0, 255).astype(np.uint8)
-            items.append(({"key": f"id{ident}/{k}", "source": f"id{ident}/{k}.jpg", "identity": f"id{ident}"}, image))
+            items.append(
+                (
+                    {
+                        "key": f"id{ident}/{k}",
+                        "source": f"id{ident}/{k}.jpg",
+                        "identity": f"id{ident}",
+                    },
+                    image,
+                )
+            )
     records.write_records(root, "part-00000", items)
     records.save_split(root, {"train": [f"id{i}" for i in range(6)], "test": ["id6", "id7"]})
     return root
@@ -69,8 +79,16 @@ def run_train(workdir, dataset, cache_dir, *, devices=1, extra_env=None, check=T
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.update(extra_env or {})
-    cmd = [sys.executable, "-m", "leopard_jax.train", "--config", str(DEMO_CONFIG), "--workdir", str(workdir),
-           *overrides(dataset, **extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leopard_jax.train",
+        "--config",
+        str(DEMO_CONFIG),
+        "--workdir",
+        str(workdir),
+        *overrides(dataset, **extra),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -78,7 +96,10 @@ def run_train(workdir, dataset, cache_dir, *, devices=1, extra_env=None, check=T
 
 
 def read_metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)
+        for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def final_params(workdir) -> dict[str, np.ndarray]:
@@ -106,6 +127,30 @@ def test_bad_value_names_the_key(tmp_path, dataset, cache_dir):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_margin_function_names_come_from_the_losses_registry(tmp_path, dataset, cache_dir):
+    """A typo fails with one line listing every name in losses.MARGIN_FUNCTIONS, before
+    anything compiles; spotid_code passes validation (the run stops at the next check: a
+    batch of 8 does not divide over 3 devices)."""
+    typo = run_train(
+        tmp_path / "w", dataset, cache_dir, check=False, **{"loss.margin_fn": "adaptiv"}
+    )
+    assert typo.returncode == 2
+    (line,) = [line for line in typo.stderr.splitlines() if line.startswith("error:")]
+    assert "config.loss.margin_fn" in line and "'adaptiv'" in line
+    assert all(repr(name) in line for name in losses.MARGIN_FUNCTIONS)
+    accepted = run_train(
+        tmp_path / "w",
+        dataset,
+        cache_dir,
+        devices=3,
+        check=False,
+        **{"loss.margin_fn": "spotid_code"},
+    )
+    assert accepted.returncode == 2
+    assert "does not divide over 3 devices" in accepted.stderr
+    assert "margin_fn" not in accepted.stderr
+
+
 def test_batch_that_does_not_divide_over_devices_is_an_error(tmp_path, dataset, cache_dir):
     proc = run_train(tmp_path / "w", dataset, cache_dir, devices=3, check=False)
     assert proc.returncode == 2
@@ -119,7 +164,9 @@ def one_device_run(tmp_path_factory, dataset, cache_dir):
     return workdir
 
 
-def test_one_and_two_devices_train_alike_through_the_cli(tmp_path, dataset, cache_dir, one_device_run):
+def test_one_and_two_devices_train_alike_through_the_cli(
+    tmp_path, dataset, cache_dir, one_device_run
+):
     """The whole command on 2 devices: same steps, same held-out start, losses close.
     (Adam's first steps are nearly sign(g): reduction-order noise in near-zero gradients
     becomes ±lr steps, so the CLI runs agree to ~1 %, not bit-wise; the step itself is
@@ -136,8 +183,19 @@ def test_one_and_two_devices_train_alike_through_the_cli(tmp_path, dataset, cach
 def test_train_step_on_two_devices_equals_one_device(dataset):
     """The pmapped step itself, stepwise, on the same global batches (SGD: exact)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("multidevice_check.py")), str(dataset), "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(pathlib.Path(__file__).with_name("multidevice_check.py")),
+            str(dataset),
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["losses_1"]) == 3
@@ -154,16 +212,31 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, dataset, cache_d
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 2]
 
 
-def test_sigterm_saves_latest_and_the_rerun_ends_where_a_straight_run_ends(tmp_path, dataset, cache_dir,
-                                                                           one_device_run):
+def test_sigterm_saves_latest_and_the_rerun_ends_where_a_straight_run_ends(
+    tmp_path, dataset, cache_dir, one_device_run
+):
     """SIGTERM as soon as epoch 1 is logged (mid-epoch 2 when it lands in time): the run
     saves `latest` and exits 143; the rerun resumes mid-epoch and ends with the straight
     run's parameters either way."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    cmd = [sys.executable, "-m", "leopard_jax.train", "--config", str(DEMO_CONFIG), "--workdir", str(tmp_path),
-           *overrides(dataset, num_epochs=2)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "leopard_jax.train",
+        "--config",
+        str(DEMO_CONFIG),
+        "--workdir",
+        str(tmp_path),
+        *overrides(dataset, num_epochs=2),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
@@ -187,15 +260,35 @@ def test_two_processes_train_to_equal_parameters(tmp_path, dataset, cache_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=str(cache_dir))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    )
     worker = pathlib.Path(__file__).with_name("distributed_worker.py")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(tmp_path), str(tmp_path / f"params{pid}.npz"), "--config", str(DEMO_CONFIG),
-             *overrides(dataset, distributed=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                        process_id=pid)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(worker),
+                str(tmp_path),
+                str(tmp_path / f"params{pid}.npz"),
+                "--config",
+                str(DEMO_CONFIG),
+                *overrides(
+                    dataset,
+                    distributed=True,
+                    coordinator_address=f"127.0.0.1:{port}",
+                    num_processes=2,
+                    process_id=pid,
+                ),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for pid in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -209,7 +302,12 @@ def test_two_processes_train_to_equal_parameters(tmp_path, dataset, cache_dir):
 
 
 def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, dataset, cache_dir):
-    proc = run_train(tmp_path, dataset, cache_dir, check=False, **{"optim.learning_rate": 1e30, "max_bad_steps": 1,
-                                                                  "num_epochs": 3})
+    proc = run_train(
+        tmp_path,
+        dataset,
+        cache_dir,
+        check=False,
+        **{"optim.learning_rate": 1e30, "max_bad_steps": 1, "num_epochs": 3},
+    )
     assert proc.returncode == 2
     assert "non-finite" in proc.stderr

@@ -41,7 +41,7 @@ class AugmentConfig:
     saturation: float = 0.2
 
     @classmethod
-    def of(cls, config: "AugmentConfig | Mapping[str, Any] | None") -> "AugmentConfig":
+    def of(cls, config: AugmentConfig | Mapping[str, Any] | None) -> AugmentConfig:
         """From a config mapping (e.g. an ml_collections ConfigDict); None = the paper's ranges."""
         if config is None:
             return cls()
@@ -50,7 +50,9 @@ class AugmentConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(config) - fields
         if unknown:
-            raise ValueError(f"unknown augmentation settings {sorted(unknown)}; allowed: {sorted(fields)}")
+            raise ValueError(
+                f"unknown augmentation settings {sorted(unknown)}; allowed: {sorted(fields)}"
+            )
         return cls(**{k: float(v) for k, v in dict(config).items()})
 
 
@@ -62,12 +64,16 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return cv2.transform(flat, _NORMALIZE).reshape(image.shape)
 
 
-def geometry_matrix(rng: np.random.Generator, height: int, width: int, rotate_deg: float, crop_fraction: float) -> np.ndarray:
+def geometry_matrix(
+    rng: np.random.Generator, height: int, width: int, rotate_deg: float, crop_fraction: float
+) -> np.ndarray:
     """2×3 source→output affine: rotate about the centre, crop each side, resize back."""
     angle = rng.uniform(-rotate_deg, rotate_deg)
     left, right = rng.uniform(0.0, crop_fraction, size=2) * width
     top, bottom = rng.uniform(0.0, crop_fraction, size=2) * height
-    rotate = np.vstack([cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0), [0, 0, 1]])
+    rotate = np.vstack(
+        [cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0), [0, 0, 1]]
+    )
     sx, sy = width / (width - left - right), height / (height - top - bottom)
     crop = np.array([[sx, 0, -sx * left], [0, sy, -sy * top], [0, 0, 1]])
     return (crop @ rotate)[:2]
@@ -78,13 +84,23 @@ def warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     torchvision transforms)."""
     height, width = image.shape[:2]
     out = cv2.warpAffine(
-        image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        image,
+        matrix,
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
     )
     return out.reshape(image.shape)
 
 
-def jitter_matrix(rng: np.random.Generator, mean_rgb: np.ndarray, brightness: float, contrast: float,
-                  saturation: float) -> np.ndarray:
+def jitter_matrix(
+    rng: np.random.Generator,
+    mean_rgb: np.ndarray,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+) -> np.ndarray:
     """4×5 colour matrix (last column: bias) for cv2.transform on R, G, B, edge.
 
     Brightness b scales; contrast c pulls towards the image's mean grey m (after
@@ -95,7 +111,9 @@ def jitter_matrix(rng: np.random.Generator, mean_rgb: np.ndarray, brightness: fl
     b, c, s = (rng.uniform(1 - x, 1 + x) for x in (brightness, contrast, saturation))
     grey_mean = b * float(_LUMA @ mean_rgb)
     to_grey = np.outer(np.ones(3), _LUMA)
-    rgb = c * b * (s * np.eye(3) + (1 - s) * to_grey)  # rows of to_grey sum to 1, so the bias passes through
+    rgb = (
+        c * b * (s * np.eye(3) + (1 - s) * to_grey)
+    )  # rows of to_grey sum to 1, so the bias passes through
     matrix = np.zeros((4, 5), np.float32)
     matrix[:3, :3] = rgb
     matrix[:3, 4] = (1 - c) * grey_mean
@@ -110,5 +128,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) 
     out = warp(image, matrix)
     if config.brightness or config.contrast or config.saturation:
         mean_rgb = np.array(cv2.mean(out)[:3], np.float32)
-        out = cv2.transform(out, jitter_matrix(rng, mean_rgb, config.brightness, config.contrast, config.saturation))
+        out = cv2.transform(
+            out, jitter_matrix(rng, mean_rgb, config.brightness, config.contrast, config.saturation)
+        )
     return out

@@ -45,8 +45,17 @@ def label_array(rows: Sequence[Row], classes: Sequence[str]) -> np.ndarray:
 class _Example:
     """Position in the epoch table -> one example dict. Picklable, for grain workers."""
 
-    def __init__(self, source: records.RecordSource, table: np.ndarray, positions: np.ndarray, epochs: np.ndarray,
-                 labels: np.ndarray, config: augment_lib.AugmentConfig | None, seed: int, normalize: bool = True):
+    def __init__(
+        self,
+        source: records.RecordSource,
+        table: np.ndarray,
+        positions: np.ndarray,
+        epochs: np.ndarray,
+        labels: np.ndarray,
+        config: augment_lib.AugmentConfig,
+        seed: int,
+        normalize: bool = True,
+    ):
         self.source, self.table, self.positions, self.epochs = source, table, positions, epochs
         self.labels, self.config, self.seed, self.normalize = labels, config, seed, normalize
 
@@ -54,25 +63,33 @@ class _Example:
         index = int(self.table[i])
         if index < 0:
             dtype = np.float32 if self.normalize else np.uint8
-            return {"image": np.zeros(self.source.shape, dtype), "label": np.int32(-1), "mask": np.bool_(False)}
-        image = self.source[index]
-        if self.config is not None:
-            rng = np.random.default_rng([self.seed, int(self.epochs[i]), int(self.positions[i])])
-            image = augment_lib.augment(image, rng, self.config)
+            return {
+                "image": np.zeros(self.source.shape, dtype),
+                "label": np.int32(-1),
+                "mask": np.bool_(False),
+            }
+        rng = np.random.default_rng([self.seed, int(self.epochs[i]), int(self.positions[i])])
+        image = augment_lib.augment(self.source[index], rng, self.config)
         if self.normalize:
             image = augment_lib.normalize(image)
         return {"image": image, "label": np.int32(self.labels[index]), "mask": np.bool_(True)}
 
 
-def _batched(example: _Example, batch: int, worker_count: int, read_threads: int) -> grain.IterDataset:
+def _batched(
+    example: _Example, batch: int, worker_count: int, read_threads: int
+) -> grain.IterDataset:
     dataset = grain.MapDataset.range(len(example.table)).map(example).batch(batch)
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads or 1))
+    dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads or 1)
+    )
     if worker_count > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
             flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2))
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2)
+        )
     return dataset
 
 
@@ -96,20 +113,35 @@ class Epoch:
         return self.iterator
 
 
-def train_table(rows: Sequence[Row], *, global_batch: int, seed: int, epoch: int, num_devices: int,
-                keep_singletons: bool = False, images_per_identity: int = 4,
-                labels: np.ndarray | None = None) -> np.ndarray:
+def train_table(
+    rows: Sequence[Row],
+    *,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    num_devices: int,
+    keep_singletons: bool = False,
+    images_per_identity: int = 4,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
     """The epoch's [steps, global_batch] table of row indices (-1 pads), same on every process.
 
     Groups are formed from `labels` (default: `label_array(rows, class_names(rows, ...))`).
     """
     if labels is None:
         labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
-    groups = sampling.epoch_groups(labels, seed=seed, epoch=epoch, images_per_identity=images_per_identity,
-                                   keep_singletons=keep_singletons)
+    groups = sampling.epoch_groups(
+        labels,
+        seed=seed,
+        epoch=epoch,
+        images_per_identity=images_per_identity,
+        keep_singletons=keep_singletons,
+    )
     if not groups:
-        raise ValueError("no training images: every identity was dropped (unlabelled or a single image); "
-                         "check the split or set keep_singletons")
+        raise ValueError(
+            "no training images: every identity was dropped (unlabelled or a single image); "
+            "check the split or set keep_singletons"
+        )
     return sampling.epoch_batches(groups, global_batch=global_batch, num_shards=num_devices)
 
 
@@ -137,7 +169,7 @@ def train_loader(
     their prefetch) alive across epoch boundaries; every epoch has the same step count.
 
     `num_devices` is the global device count; device shards are contiguous, so
-    `x.reshape(local_devices, -1, ...)` keeps each identity group on one device. Labels
+    `parallel.shard(batch)` keeps each identity group on one device. Labels
     index `class_names(source_rows, keep_singletons=keep_singletons)` unless `labels`
     (int [N], -1 = no class) gives the caller's own mapping. `normalize=False` yields uint8
     images (4× fewer bytes between worker processes and to the device) for the caller to
@@ -152,38 +184,33 @@ def train_loader(
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
     columns = sampling.process_columns(global_batch, num_devices, process_index, process_count)
-    tables = [train_table(rows, global_batch=global_batch, seed=seed, epoch=e, num_devices=num_devices,
-                          keep_singletons=keep_singletons, images_per_identity=images_per_identity, labels=labels)
-              for e in range(epoch, epoch + num_epochs)]
+    tables = [
+        train_table(
+            rows,
+            global_batch=global_batch,
+            seed=seed,
+            epoch=e,
+            num_devices=num_devices,
+            keep_singletons=keep_singletons,
+            images_per_identity=images_per_identity,
+            labels=labels,
+        )
+        for e in range(epoch, epoch + num_epochs)
+    ]
     steps, width = tables[0].shape[0], columns.stop - columns.start
-    assert all(len(t) == steps for t in tables), "packing gives every epoch the same number of batches"
+    assert all(len(t) == steps for t in tables), (
+        "packing gives every epoch the same number of batches"
+    )
     positions = np.arange(tables[0].size).reshape(tables[0].shape)[:, columns].ravel()
-    example = _Example(records.RecordSource(dataset_dir, rows), np.concatenate([t[:, columns].ravel() for t in tables]),
-                       np.tile(positions, num_epochs), np.repeat(np.arange(epoch, epoch + num_epochs), steps * width),
-                       labels, augment_lib.AugmentConfig.of(augment_config), int(seed), normalize)
+    example = _Example(
+        records.RecordSource(dataset_dir, rows),
+        np.concatenate([t[:, columns].ravel() for t in tables]),
+        np.tile(positions, num_epochs),
+        np.repeat(np.arange(epoch, epoch + num_epochs), steps * width),
+        labels,
+        augment_lib.AugmentConfig.of(augment_config),
+        int(seed),
+        normalize,
+    )
     dataset = _batched(example, width, worker_count, read_threads)
     return Epoch(iter(dataset), steps * num_epochs, num_epochs)
-
-
-def eval_batches(
-    source_rows: Sequence[Row],
-    dataset_dir: str | os.PathLike,
-    *,
-    batch: int,
-    worker_count: int = 0,
-    read_threads: int = 2,
-    normalize: bool = True,
-) -> Epoch:
-    """All rows in order, unaugmented, in batches of `batch`; the last is padded (mask False).
-
-    Labels index `class_names(source_rows)`; a row without identity has label -1, mask True.
-    """
-    rows = list(source_rows)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    steps = -(-len(rows) // batch)
-    table = np.full(steps * batch, -1, dtype=np.int64)
-    table[: len(rows)] = np.arange(len(rows))
-    example = _Example(records.RecordSource(dataset_dir, rows), table, np.arange(len(table)), np.zeros(len(table), int),
-                       label_array(rows, class_names(rows)), None, 0, normalize)
-    return Epoch(iter(_batched(example, batch, worker_count, read_threads)), steps)

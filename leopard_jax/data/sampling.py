@@ -73,7 +73,11 @@ def epoch_batches(groups: list[np.ndarray], *, global_batch: int, num_shards: in
             by_size[len(group)].append((position, np.asarray(group, dtype=np.int64)))
 
     def earliest(max_size: int | None):
-        heads = [(q[0][0], size) for size, q in by_size.items() if q and (max_size is None or size <= max_size)]
+        heads = [
+            (q[0][0], size)
+            for size, q in by_size.items()
+            if q and (max_size is None or size <= max_size)
+        ]
         return min(heads)[1] if heads else None
 
     shards: list[np.ndarray] = []
@@ -106,7 +110,9 @@ def epoch_batches(groups: list[np.ndarray], *, global_batch: int, num_shards: in
     return table.reshape(num_batches, global_batch)
 
 
-def process_columns(global_batch: int, num_shards: int, process_index: int, process_count: int) -> slice:
+def process_columns(
+    global_batch: int, num_shards: int, process_index: int, process_count: int
+) -> slice:
     """The columns of a global batch that one process loads: whole, contiguous device shards."""
     if num_shards % process_count or not 0 <= process_index < process_count:
         raise ValueError(
