@@ -23,12 +23,22 @@ def noise(h, w, seed=0):
 
 
 def test_identity_folders_flanks_and_unique_names(tmp_path):
-    for name in ("BGL09_right/a.jpg", "BGL09_right/a.png", "CUL66_Left/b c.jpg", "X 1/c.JPG", "X 1/notes.txt", "X 1/.hidden.jpg"):
+    for name in (
+        "BGL09_right/a.jpg",
+        "BGL09_right/a.png",
+        "CUL66_Left/b c.jpg",
+        "X 1/c.JPG",
+        "X 1/notes.txt",
+        "X 1/.hidden.jpg",
+    ):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     photos = inputs.list_photos(tmp_path)
-    got = [(pathlib.Path(p.source).relative_to(tmp_path).as_posix(), p.identity, p.flank, p.name) for p in photos]
+    got = [
+        (pathlib.Path(p.source).relative_to(tmp_path).as_posix(), p.identity, p.flank, p.name)
+        for p in photos
+    ]
     assert got == [
         ("BGL09_right/a.jpg", "BGL09_right", "right", "BGL09_right/a"),
         ("BGL09_right/a.png", "BGL09_right", "right", "BGL09_right/a~2"),
@@ -38,7 +48,12 @@ def test_identity_folders_flanks_and_unique_names(tmp_path):
     # A photo at the top level makes "auto" read the folder as unlabelled.
     (tmp_path / "top.jpg").write_bytes(b"x")
     assert {p.identity for p in inputs.list_photos(tmp_path)} == {""}
-    assert {p.identity for p in inputs.list_photos(tmp_path, labels="folders")} == {"", "BGL09_right", "CUL66_Left", "X 1"}
+    assert {p.identity for p in inputs.list_photos(tmp_path, labels="folders")} == {
+        "",
+        "BGL09_right",
+        "CUL66_Left",
+        "X 1",
+    }
 
 
 def test_csv_listing(tmp_path):
@@ -53,7 +68,9 @@ def test_csv_listing(tmp_path):
         (str(tmp_path / "pics/3.jpg"), "", "", "unlabelled/3"),
     ]
     (tmp_path / "plain.csv").write_text("pics/1.jpg,A_right\n")
-    assert [(p.identity, p.flank) for p in inputs.list_photos(tmp_path / "plain.csv")] == [("A_right", "right")]
+    assert [(p.identity, p.flank) for p in inputs.list_photos(tmp_path / "plain.csv")] == [
+        ("A_right", "right")
+    ]
 
 
 def test_listing_errors_are_one_line(tmp_path):
@@ -92,7 +109,9 @@ def test_modes_grey_cmyk_alpha_16bit(tmp_path):
     assert (out[:20] == 200).all() and (out[20:] == 0).all()
     deep = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "d.png"), deep)
-    np.testing.assert_allclose(inputs.load_image(tmp_path / "d.png")[..., 0], deep / 257.0, atol=0.6)
+    np.testing.assert_allclose(
+        inputs.load_image(tmp_path / "d.png")[..., 0], deep / 257.0, atol=0.6
+    )
     deep_rgb = np.stack([deep, deep // 2, deep // 4], -1)
     cv2.imwrite(str(tmp_path / "d.tif"), deep_rgb[..., ::-1])
     np.testing.assert_allclose(inputs.load_image(tmp_path / "d.tif"), deep_rgb / 257.0, atol=1.0)
@@ -120,7 +139,9 @@ def disk(value_in, value_out, size=(120, 160), radius=35):
     yy, xx = np.mgrid[: size[0], : size[1]]
     inside = (yy - size[0] / 2) ** 2 + (xx - size[1] / 2) ** 2 < radius**2
     image = np.where(inside, value_in, value_out).astype(np.uint8)
-    return np.repeat(image[..., None], 3, -1), np.sqrt((yy - size[0] / 2) ** 2 + (xx - size[1] / 2) ** 2)
+    return np.repeat(image[..., None], 3, -1), np.sqrt(
+        (yy - size[0] / 2) ** 2 + (xx - size[1] / 2) ** 2
+    )
 
 
 def test_edges_follow_the_boundary():

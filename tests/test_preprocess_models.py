@@ -99,7 +99,9 @@ def test_input_colour_order_and_scale(tmp_path):
     red[..., 0] = 255
     for fmt, channel, value in (("yolox", 2, 255.0), ("yolov5", 0, 1.0)):
         cells = 336 if fmt == "yolox" else 3 * 336
-        model = constant_model(tmp_path / f"{fmt}.onnx", "images", [1, 3, S, S], "out", np.zeros((1, cells, 85)))
+        model = constant_model(
+            tmp_path / f"{fmt}.onnx", "images", [1, 3, S, S], "out", np.zeros((1, cells, 85))
+        )
         x, placement = detect.Detector(model, fmt=fmt).preprocess(red)
         assert x.shape == (1, 3, S, S) and x.dtype == np.float32
         top = placement.top
@@ -148,7 +150,9 @@ def test_class_spec_and_padding():
 
 
 def test_dynamic_input_needs_a_size(tmp_path):
-    model = constant_model(tmp_path / "dyn.onnx", "images", [1, 3, "h", "w"], "out", np.zeros((1, 3 * 336, 8)))
+    model = constant_model(
+        tmp_path / "dyn.onnx", "images", [1, 3, "h", "w"], "out", np.zeros((1, 3 * 336, 8))
+    )
     with pytest.raises(ValueError, match="input_size"):
         detect.Detector(model)
     assert detect.Detector(model, input_size=S).format == "yolov5"
@@ -176,7 +180,9 @@ def test_background_mask_applied_from_a_local_model_file(tmp_path, monkeypatch):
     monkeypatch.setenv("REMBG_HOME", str(tmp_path / "elsewhere"))
     model = u2net_like(tmp_path / "bright.onnx")
     remover = background.BackgroundRemover(model, fill=0)
-    assert "U2NET_HOME" not in os.environ and os.environ["REMBG_HOME"] == str(tmp_path / "elsewhere")
+    assert "U2NET_HOME" not in os.environ and os.environ["REMBG_HOME"] == str(
+        tmp_path / "elsewhere"
+    )
     assert not (tmp_path / "elsewhere").exists()
     rgb = np.full((120, 200, 3), 40, np.uint8)
     rgb[30:90, 50:150] = (200, 180, 160)

@@ -1,7 +1,6 @@
 """The whole job: bad files, resume, a SIGKILL mid-run, settings drift, CLI errors."""
 
 import csv
-import io
 import os
 import pathlib
 import signal
@@ -15,7 +14,7 @@ from PIL import Image
 
 from leopard_jax.data import records
 from leopard_jax.preprocess import config as preprocess_config
-from leopard_jax.preprocess import inputs, pipeline
+from leopard_jax.preprocess import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +52,11 @@ def records_by_key(output):
 
 def cli(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "leopard_jax.preprocess", *args], capture_output=True, text=True, cwd=REPO, **kwargs
+        [sys.executable, "-m", "leopard_jax.preprocess", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        **kwargs,
     )
 
 
@@ -72,13 +75,26 @@ def test_bad_files_are_rejected_and_the_run_goes_on(tmp_path, monkeypatch):
     if os.geteuid() == 0:  # root reads anything: make the read fail as it would for a user
         real = pathlib.Path.read_bytes
         monkeypatch.setattr(
-            pathlib.Path, "read_bytes", lambda p: (_ for _ in ()).throw(PermissionError(13, "denied")) if p.name == "locked.jpg" else real(p)
+            pathlib.Path,
+            "read_bytes",
+            lambda p: (
+                (_ for _ in ()).throw(PermissionError(13, "denied"))
+                if p.name == "locked.jpg"
+                else real(p)
+            ),
         )
     out = tmp_path / "out"
     summary = pipeline.run(settings(tmp_path / "in", out), log=lambda m: None)
     assert summary.ok and summary.records == 3 and summary.processed == 9
     reasons = rejected_rows(out)
-    assert set(reasons) == {"cut.jpg", "corrupt.jpg", "text.png", "zero.jpg", "dot.png", "locked.jpg"}
+    assert set(reasons) == {
+        "cut.jpg",
+        "corrupt.jpg",
+        "text.png",
+        "zero.jpg",
+        "dot.png",
+        "locked.jpg",
+    }
     assert "truncated" in reasons["cut.jpg"] and "not an image" in reasons["text.png"]
     assert "empty" in reasons["zero.jpg"] and "too small" in reasons["dot.png"]
     assert "permission denied" in reasons["locked.jpg"]
@@ -99,7 +115,10 @@ def test_other_settings_on_resume_are_refused(tmp_path):
     photo(tmp_path / "in" / "a.jpg", 0)
     pipeline.run(settings(tmp_path / "in", tmp_path / "out"), log=lambda m: None)
     with pytest.raises(pipeline.PreprocessError, match="canny_low: 55 -> 40"):
-        pipeline.run(settings(tmp_path / "in", tmp_path / "out", **{"edges.canny_low": 40}), log=lambda m: None)
+        pipeline.run(
+            settings(tmp_path / "in", tmp_path / "out", **{"edges.canny_low": 40}),
+            log=lambda m: None,
+        )
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_redone(tmp_path):
@@ -108,9 +127,14 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_redone(tmp_path):
     photo(tmp_path / "in" / "ok.jpg", 1)
     out = tmp_path / "out"
     out.mkdir()
-    (out / records.REJECTED_FILE).write_text(f"source,identity,reason\n{tmp_path}/in/bad.j")  # killed mid-line
+    # killed mid-line
+    (out / records.REJECTED_FILE).write_text(f"source,identity,reason\n{tmp_path}/in/bad.j")
     (out / "shards").mkdir()
-    leftovers = [out / "shards" / "old-00000.array_record", out / "shards" / "old-00001.csv.tmp", out / "crops" / "k#0.jpg.tmp"]
+    leftovers = [
+        out / "shards" / "old-00000.array_record",
+        out / "shards" / "old-00001.csv.tmp",
+        out / "crops" / "k#0.jpg.tmp",
+    ]
     (out / "crops").mkdir()
     for path in leftovers:
         path.write_bytes(b"half")
@@ -121,18 +145,38 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_redone(tmp_path):
 
 
 def test_cli_errors_and_exit_codes(tmp_path):
-    missing = cli("--input", str(tmp_path / "typo"), "--output", str(tmp_path / "o"), "--detector", "none")
+    missing = cli(
+        "--input", str(tmp_path / "typo"), "--output", str(tmp_path / "o"), "--detector", "none"
+    )
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1].startswith("error: --input") and "no such file" in missing.stderr
+    assert (
+        missing.stderr.strip().splitlines()[-1].startswith("error: --input")
+        and "no such file" in missing.stderr
+    )
     (tmp_path / "empty").mkdir()
-    empty = cli("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--detector", "none")
+    empty = cli(
+        "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--detector", "none"
+    )
     assert empty.returncode == 2 and "no photos found" in empty.stderr
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.jpg").write_bytes(b"junk")
-    nothing = cli("--config", "configs/preprocess.py", "--config.render.width=128", "--input", str(tmp_path / "junk"),
-                  "--output", str(tmp_path / "o"), "--detector", "none", "--workers=-1")
-    assert nothing.returncode == 1 and "0 records" in nothing.stderr and "1 rejected" in nothing.stderr
-    assert records.load_settings(tmp_path / "o")["width"] == 128  # the config file and its override were read
+    nothing = cli(
+        "--config",
+        "configs/preprocess.py",
+        "--config.render.width=128",
+        "--input",
+        str(tmp_path / "junk"),
+        "--output",
+        str(tmp_path / "o"),
+        "--detector",
+        "none",
+        "--workers=-1",
+    )
+    assert (
+        nothing.returncode == 1 and "0 records" in nothing.stderr and "1 rejected" in nothing.stderr
+    )
+    # the config file and its override were read
+    assert records.load_settings(tmp_path / "o")["width"] == 128
 
 
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
@@ -140,11 +184,23 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     for i in range(n):
         photo(tmp_path / "in" / f"ID{i % 4}" / f"p{i:02d}.jpg", i, size=(200, 400))
     out = tmp_path / "out"
-    args = ["--input", str(tmp_path / "in"), "--output", str(out), "--detector", "none",
-            "--config.shard_size=2", "--config.render.height=32", "--config.render.width=64"]
+    args = [
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--detector",
+        "none",
+        "--config.shard_size=2",
+        "--config.render.height=32",
+        "--config.render.width=64",
+    ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "leopard_jax.preprocess", *args, "--workers=1"], cwd=REPO, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "leopard_jax.preprocess", *args, "--workers=1"],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while not records.shard_names(out) and time.time() < deadline and proc.poll() is None:
@@ -158,8 +214,12 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert f"{committed} skipped" in resumed.stderr
     rows = records.read_manifest(out)
     assert not list(out.rglob("*.tmp"))
-    assert sorted(p.stem for p in (out / "shards").glob("*.array_record")) == records.shard_names(out)
-    assert sorted(r["source"] for r in rows) == sorted(str(p) for p in (tmp_path / "in").rglob("*.jpg"))
+    assert sorted(p.stem for p in (out / "shards").glob("*.array_record")) == records.shard_names(
+        out
+    )
+    assert sorted(r["source"] for r in rows) == sorted(
+        str(p) for p in (tmp_path / "in").rglob("*.jpg")
+    )
     assert len({r["key"] for r in rows}) == n
     # Same records as one uninterrupted run.
     clean = tmp_path / "clean"
@@ -174,9 +234,37 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
 def test_a_broken_model_is_one_clear_error(tmp_path, workers):
     photo(tmp_path / "in" / "a.jpg", 0)
     (tmp_path / "det.onnx").write_bytes(b"not a model")
-    c = settings(tmp_path / "in", tmp_path / "out", workers=workers, **{"detector.model": str(tmp_path / "det.onnx")})
+    c = settings(
+        tmp_path / "in",
+        tmp_path / "out",
+        workers=workers,
+        **{"detector.model": str(tmp_path / "det.onnx")},
+    )
     with pytest.raises(pipeline.PreprocessError, match="det.onnx: not a loadable ONNX model") as e:
         pipeline.run(c, log=lambda m: None)
     assert "\n" not in str(e.value)
     assert records.read_manifest(tmp_path / "out") == []
-    assert not (tmp_path / "out" / records.REJECTED_FILE).is_file() or not rejected_rows(tmp_path / "out")
+    assert not (tmp_path / "out" / records.REJECTED_FILE).is_file() or not rejected_rows(
+        tmp_path / "out"
+    )
+
+
+def test_help_lists_every_flag_and_a_bad_flag_is_one_line():
+    shown = cli("--help")
+    assert shown.returncode == 0
+    for flag in (
+        "--config",
+        "--input",
+        "--images",
+        "--output",
+        "--detector",
+        "--background",
+        "--labels",
+        "--workers",
+        "--shard",
+    ):
+        assert flag in shown.stdout
+    bad = cli("--input", "x", "--bogus")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: Unknown command line flag 'bogus'; see python -m leopard_jax.preprocess --help"
+    )

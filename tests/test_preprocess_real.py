@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from leopard_jax.data import records
-from leopard_jax.preprocess import background, config as preprocess_config, detect, inputs, pipeline
+from leopard_jax.preprocess import background, detect, inputs, pipeline
+from leopard_jax.preprocess import config as preprocess_config
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 FRAMES = DATA / "camera_trap_frames"
@@ -35,7 +36,9 @@ def test_yolox_nano_finds_the_animal_where_megadetector_does(name):
     found = detect.Detector(YOLOX, threshold=0.2)(inputs.load_image(FRAMES / name))
     assert found, "no animal found"
     best = found[0]
-    iou = detect.iou(np.array(best.box, np.float32), np.array([MEGADETECTOR_BOXES[name]], np.float32))[0]
+    iou = detect.iou(
+        np.array(best.box, np.float32), np.array([MEGADETECTOR_BOXES[name]], np.float32)
+    )[0]
     assert iou > 0.6, (best, iou)
     assert 14 <= best.class_id <= 23
 
@@ -57,7 +60,14 @@ def test_u2netp_through_rembg_masks_the_leopard(u2netp, index):
     assert 0.15 < fg.mean() < 0.85, fg.mean()  # a body, neither nothing nor everything
     h, w = fg.shape
     centre = fg[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean()
-    rim = np.concatenate([fg[: h // 10].ravel(), fg[-h // 10 :].ravel(), fg[:, : w // 10].ravel(), fg[:, -w // 10 :].ravel()]).mean()
+    rim = np.concatenate(
+        [
+            fg[: h // 10].ravel(),
+            fg[-h // 10 :].ravel(),
+            fg[:, : w // 10].ravel(),
+            fg[:, -w // 10 :].ravel(),
+        ]
+    ).mean()
     assert centre > 0.6 and centre > rim + 0.25, (centre, rim)  # the crop is centred on the animal
     assert removed[~fg].mean() < 0.5 * rgb[~fg].mean() + 1  # background darkened towards fill 0
 
@@ -74,7 +84,12 @@ def test_all_spotid_crops_become_records(tmp_path):
     assert settings["edges"]["canny_low"] == 55 and settings["edges"]["blur_ksize"] == 5
     source = records.RecordSource(tmp_path / "ds")
     assert len(source) == 45
-    assert {r["identity"] for r in source.rows} == {"BGL09_right", "BHA32_Right", "BRL17_Left", "CUL66_Left"}
+    assert {r["identity"] for r in source.rows} == {
+        "BGL09_right",
+        "BHA32_Right",
+        "BRL17_Left",
+        "CUL66_Left",
+    }
     assert {r["flank"] for r in source.rows} == {"left", "right"}
     densities = []
     for i, row in enumerate(source.rows):
@@ -83,7 +98,10 @@ def test_all_spotid_crops_become_records(tmp_path):
         edge = record[..., 3]
         densities.append((edge > 0).mean())
         # the RGB is the photo, resized: compare with an independent Pillow resize
-        want = np.asarray(Image.open(row["source"]).convert("RGB").resize((512, 256), Image.BILINEAR), np.float32)
+        want = np.asarray(
+            Image.open(row["source"]).convert("RGB").resize((512, 256), Image.BILINEAR), np.float32
+        )
         assert np.abs(record[..., :3].astype(np.float32) - want).mean() < 12
     densities = np.array(densities)
-    assert densities.min() > 0.01 and np.median(densities) < 0.5  # edges everywhere, not noise everywhere
+    # edges everywhere, not noise everywhere
+    assert densities.min() > 0.01 and np.median(densities) < 0.5

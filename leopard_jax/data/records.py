@@ -8,13 +8,17 @@ A dataset directory holds:
     shards/<name>.csv          the manifest rows of that shard; row i describes record i
     crops/<key>.jpg            the RGB crop as shown to people (review page)
     edges/<key>.jpg            the edge channel as shown to people
-    rejected.csv               inputs that produced no record, with the reason
-    split.json                 optional {"train": [identity, ...], "test": [...]}
+    rejected.csv               inputs that produced no record, with the reason; a run given
+                               `--shard I/N` writes rejected-partIofN.csv instead
+    split.json                 optional: {"train": [identity, ...], "test": [...]} (by
+                               individual), and/or {"records": {"train": [key, ...], ...}}
+                               (by record: a closed-set split)
 
 Why one CSV per shard instead of one global manifest: a shard and its rows become visible
 together. Both are written under a temporary name and renamed, the CSV last, so a killed
 writer leaves either a complete shard+CSV or nothing a reader would see. Readers only trust
-shards whose CSV exists.
+shards whose CSV exists. Several writers (`preprocess --shard I/N` on a cluster) can fill one
+directory at once: shard names never clash, and the manifest is the union of all shards.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import csv
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,18 +38,26 @@ SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"
 SPLIT_FILE = "split.json"
 REJECTED_FILE = "rejected.csv"
+REJECTED_FIELDS = ("source", "identity", "reason", "annotation")
 MANIFEST_FIELDS = (
     "key",  # unique, filesystem-safe (may contain '/'), e.g. "BGL09_right/IMG_0001#0"
     "source",  # path of the original photo, as given to preprocess
     "identity",  # "" when unknown (new photos to identify)
-    "flank",  # "left" / "right" / ""
-    "box",  # "x0 y0 x1 y1" in source pixels, "" when no detector ran
-    "score",  # detector confidence, "" when no detector ran
+    "flank",  # "left" / "right" / "" (unknown) / another viewpoint ("front", "up"...)
+    "box",  # "x0 y0 x1 y1" in source pixels (detected or annotated), "" for a whole photo
+    "score",  # detector confidence, "" when no detector chose the box
     "shard",  # shard file stem
     "index",  # record index inside the shard
     "crop",  # crop JPEG path relative to the dataset dir
     "edge",  # edge JPEG path relative to the dataset dir
+    "annotation",  # the input's id of this animal in the photo (COCO annotation), "" for none
+    "viewpoint",  # as annotated ("frontleft", "up"...), "" when the input has none
+    "date",  # capture date as the input gives it, "" when unknown
+    "split",  # the input's own split ("train"/"test"...), "" when it has none
 )
+# Manifests written before a field existed read it as "".
+_EMPTY_ROW = dict.fromkeys(MANIFEST_FIELDS, "")
+_RECORDS_SECTION = "records"
 _TMP_SUFFIX = ".tmp"
 
 
@@ -106,10 +118,14 @@ class ShardWriter:
     def add(self, row: dict[str, Any], image: np.ndarray) -> None:
         """Append one H×W×C uint8 record and its manifest row (shard/index are filled in)."""
         if image.dtype != np.uint8 or image.ndim != 3:
-            raise ValueError(f"record for {row.get('key')!r} must be uint8 H×W×C, got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"record for {row.get('key')!r} must be uint8 H×W×C, got {image.dtype} {image.shape}"
+            )
         unknown = set(row) - set(MANIFEST_FIELDS)
         if unknown:
-            raise ValueError(f"unknown manifest fields {sorted(unknown)}; allowed: {MANIFEST_FIELDS}")
+            raise ValueError(
+                f"unknown manifest fields {sorted(unknown)}; allowed: {MANIFEST_FIELDS}"
+            )
         full = {field: "" for field in MANIFEST_FIELDS}
         full.update({k: "" if v is None else str(v) for k, v in row.items()})
         full["shard"], full["index"] = self.name, str(len(self._rows))
@@ -137,7 +153,7 @@ class ShardWriter:
             self._writer.close()
         self._tmp_records.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -158,42 +174,101 @@ def shard_names(dataset_dir: str | os.PathLike) -> list[str]:
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """All manifest rows in a fixed order (shard name, then index), with a `split` column
-    taken from split.json ("" when the dataset has no split or the identity is unlisted)."""
+    """All manifest rows in a fixed order (shard name, then index). Their `split` is
+    split.json's when the dataset has one (by record key, else by identity; "" when
+    unlisted), else the split the input itself gave."""
     dataset_dir = pathlib.Path(dataset_dir)
     rows: list[dict[str, str]] = []
     for name in shard_names(dataset_dir):
         with open(dataset_dir / SHARDS_DIR / f"{name}.csv", newline="") as f:
-            rows.extend(csv.DictReader(f))
-    split = load_split(dataset_dir)
-    for row in rows:
-        row["split"] = split.get(row["identity"], "")
+            rows.extend({**_EMPTY_ROW, **row} for row in csv.DictReader(f))
+    if (dataset_dir / SPLIT_FILE).is_file():
+        by_identity, by_key = load_split(dataset_dir), load_record_split(dataset_dir)
+        for row in rows:
+            row["split"] = by_key.get(row["key"]) or by_identity.get(row["identity"], "")
     return rows
 
 
-def load_split(dataset_dir: str | os.PathLike) -> dict[str, str]:
-    """identity -> split name, from split.json (empty when absent)."""
+def split_of_keys(dataset_dir: str | os.PathLike) -> dict[str, str]:
+    """record key -> split name ("" when none), whichever form the split takes."""
+    return {row["key"]: row["split"] for row in read_manifest(dataset_dir)}
+
+
+def _read_split_file(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     path = pathlib.Path(dataset_dir) / SPLIT_FILE
     if not path.is_file():
         return {}
-    by_split = json.loads(path.read_text())
-    return {identity: name for name, ids in by_split.items() for identity in ids}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(
+            f"{path}: not valid JSON ({e}); remake it with leopard_jax.data.split"
+        ) from None
 
 
-def save_split(dataset_dir: str | os.PathLike, by_split: dict[str, Sequence[str]]) -> None:
+def load_split(dataset_dir: str | os.PathLike) -> dict[str, str]:
+    """identity -> split name, from split.json's split by individual (empty when absent)."""
+    by_split = _read_split_file(dataset_dir)
+    return {
+        identity: name
+        for name, ids in by_split.items()
+        if name != _RECORDS_SECTION
+        for identity in ids
+    }
+
+
+def load_record_split(dataset_dir: str | os.PathLike) -> dict[str, str]:
+    """record key -> split name, from split.json's split by record (empty when absent)."""
+    by_split = _read_split_file(dataset_dir).get(_RECORDS_SECTION, {})
+    return {key: name for name, keys in by_split.items() for key in keys}
+
+
+def save_split(
+    dataset_dir: str | os.PathLike,
+    by_split: Mapping[str, Sequence[str]],
+    *,
+    by_record: bool = False,
+) -> None:
+    """Write split.json: {name: identities}, or with `by_record` {"records": {name: keys}}."""
     path = pathlib.Path(dataset_dir) / SPLIT_FILE
+    content: dict[str, Any] = {k: sorted(v) for k, v in by_split.items()}
+    if by_record:
+        content = {_RECORDS_SECTION: content}
     tmp = path.with_name(path.name + _TMP_SUFFIX)
-    tmp.write_text(json.dumps({k: sorted(v) for k, v in by_split.items()}, indent=2))
+    tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, path)
 
 
-def done_sources(dataset_dir: str | os.PathLike) -> set[str]:
-    """Sources already turned into records or rejected: what a resumed run skips."""
-    done = {row["source"] for row in read_manifest(dataset_dir)}
-    rejected = pathlib.Path(dataset_dir) / REJECTED_FILE
-    if rejected.is_file():
-        with open(rejected, newline="") as f:
-            done.update(row["source"] for row in csv.DictReader(f))
+def rejected_path(dataset_dir: str | os.PathLike, part: str = "") -> pathlib.Path:
+    """rejected.csv, or a part's own (`part` "part0of4" -> rejected-part0of4.csv)."""
+    name = f"{pathlib.Path(REJECTED_FILE).stem}-{part}.csv" if part else REJECTED_FILE
+    return pathlib.Path(dataset_dir) / name
+
+
+def rejected_paths(dataset_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """rejected.csv and every part's rejected-partIofN.csv."""
+    root = pathlib.Path(dataset_dir)
+    return sorted(p for p in root.glob("rejected*.csv") if p.is_file())
+
+
+def read_rejected(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows (source, identity, reason, annotation) of every rejected file."""
+    rows = []
+    for path in rejected_paths(dataset_dir):
+        with open(path, newline="") as f:
+            rows.extend({"annotation": "", **row} for row in csv.DictReader(f, restval=""))
+    return rows
+
+
+def item_id(row: Mapping[str, str]) -> tuple[str, str]:
+    """What one input item is: the photo and which of its annotations ("" for the photo)."""
+    return row["source"], row.get("annotation") or ""
+
+
+def done_items(dataset_dir: str | os.PathLike) -> set[tuple[str, str]]:
+    """Items (`item_id`) already turned into records or rejected: what a resumed run skips."""
+    done = {item_id(row) for row in read_manifest(dataset_dir)}
+    done.update(item_id(row) for row in read_rejected(dataset_dir))
     return done
 
 
@@ -204,7 +279,9 @@ class RecordSource:
     cheaply (readers are opened lazily in each worker process).
     """
 
-    def __init__(self, dataset_dir: str | os.PathLike, rows: Sequence[dict[str, str]] | None = None):
+    def __init__(
+        self, dataset_dir: str | os.PathLike, rows: Sequence[dict[str, str]] | None = None
+    ):
         self.dataset_dir = pathlib.Path(dataset_dir)
         self.shape = record_shape(load_settings(self.dataset_dir))
         self.rows = list(read_manifest(self.dataset_dir) if rows is None else rows)

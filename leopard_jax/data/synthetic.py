@@ -12,21 +12,25 @@ spotID's folders), ready for `python -m leopard_jax.preprocess`. `write_records_
 skips preprocessing and writes a dataset directory directly, for tests.
 Everything is deterministic for a seed: every image has its own generator seeded by
 (seed, animal, flank[, photo]).
+
+    python -m leopard_jax.data.synthetic --out photos/ --identities 40 --images-per-identity 8
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
+import sys
 from collections.abc import Iterator
 
 import cv2
 import numpy as np
+from absl import flags
+
+from leopard_jax import cli
+from leopard_jax.data import synthetic_scene as scene
 
 FLANKS = ("left", "right")
-COAT_H, COAT_W = 256, 512  # canonical side view, head to the right (the right flank)
-HEAD = (452, 96)  # head centre in the canonical frame (face features are painted on the coat)
 
 
 def identity_names(identities: int) -> list[tuple[str, int, str]]:
@@ -34,218 +38,46 @@ def identity_names(identities: int) -> list[tuple[str, int, str]]:
     return [(f"A{n // 2:03d}_{FLANKS[n % 2]}", n // 2, FLANKS[n % 2]) for n in range(identities)]
 
 
-def _coat_style(seed: int, animal: int) -> dict[str, float]:
-    """Per-animal coat traits shared by both flanks, as real leopards differ in rosette size,
-    density, ring weight and ground colour: coarse cues a network can learn quickly and that
-    carry over to unseen animals, while raw pixels of differently posed photos cannot use them.
-    """
-    rng = np.random.default_rng([seed, animal, 7])
-    return dict(
-        spacing=rng.uniform(18, 56),  # px between neighbouring marks in the canonical coat
-        rosette_share=rng.uniform(0.3, 0.95),  # rosettes vs solid spots on the torso
-        size=rng.uniform(0.22, 0.45),  # mark radius relative to the spacing
-        ring=rng.uniform(0.06, 0.22),  # ring stroke relative to the spacing
-        fill=rng.uniform(0.5, 0.9),  # rosette centre: darker than the ground by this factor
-        tint=rng.uniform(0.65, 1.4),  # ground colour, from pale straw to deep rufous
-        value=rng.uniform(0.6, 1.15),  # ground brightness
-    )
-
-
-def _coat(rng: np.random.Generator, style: dict[str, float]) -> np.ndarray:
-    """BGR uint8 COAT_H×COAT_W: golden base with a paler belly, rosettes and spots."""
-    base = np.array([55, 140, 200], np.float32) * rng.uniform(0.9, 1.05, 3)
-    base = base * np.array([1 / style["tint"], 1.0, style["tint"]], np.float32) * style["value"]
-    belly = np.array([170, 205, 225], np.float32)
-    y = np.linspace(0, 1, COAT_H, dtype=np.float32)[:, None, None]
-    mix = np.clip(1.0 - np.abs(y - 0.64) * 9.0, 0, 1)  # pale belly band; legs stay golden
-    coat = (base * (1 - mix) + belly * mix) * np.ones((1, COAT_W, 1), np.float32)
-    coat = coat.astype(np.uint8)
-    dark = tuple(int(v) for v in rng.integers(10, 35, 3))
-    fill = tuple(int(v * style["fill"]) for v in base)
-    spacing = style["spacing"] * rng.uniform(0.95, 1.05)
-    for gy in np.arange(spacing / 2, COAT_H, spacing * 0.87):
-        for gx in np.arange(spacing / 2, COAT_W, spacing):
-            cx, cy = gx + rng.uniform(-0.35, 0.35) * spacing, gy + rng.uniform(-0.35, 0.35) * spacing
-            centre = (int(cx), int(cy))
-            on_body = 60 < cy < 165 and 70 < cx < 420
-            if on_body and rng.random() < style["rosette_share"]:  # rosette: darker centre, broken ring
-                r = spacing * style["size"] * rng.uniform(0.8, 1.2)
-                axes = (int(r * rng.uniform(0.9, 1.3)), int(r))
-                tilt = rng.uniform(0, 180)
-                cv2.ellipse(coat, centre, axes, tilt, 0, 360, fill, -1, cv2.LINE_AA)
-                start = rng.uniform(0, 360)
-                stroke = max(1, int(round(spacing * style["ring"] * rng.uniform(0.8, 1.2))))
-                for arc in np.sort(rng.uniform(0, 360, rng.integers(3, 6))):
-                    span = rng.uniform(35, 70)
-                    cv2.ellipse(coat, centre, axes, tilt, start + arc, start + arc + span, dark, stroke, cv2.LINE_AA)
-            else:  # solid spot
-                r = spacing * style["size"] * (rng.uniform(0.3, 0.6) if not on_body else rng.uniform(0.5, 0.7))
-                axes = (int(r * rng.uniform(0.8, 1.4)), max(int(r), 1))
-                cv2.ellipse(coat, centre, axes, rng.uniform(0, 180), 0, 360, dark, -1, cv2.LINE_AA)
-    eye, nose = (HEAD[0] + 12, HEAD[1] - 8), (HEAD[0] + 46, HEAD[1] + 8)
-    cv2.ellipse(coat, eye, (7, 4), -10, 0, 360, (40, 120, 140), -1, cv2.LINE_AA)
-    cv2.circle(coat, eye, 2, (5, 5, 5), -1, cv2.LINE_AA)
-    cv2.ellipse(coat, nose, (6, 4), 0, 0, 360, (60, 60, 110), -1, cv2.LINE_AA)
-    cv2.line(coat, (nose[0] - 4, nose[1] + 6), (nose[0] - 14, nose[1] + 12), (20, 20, 20), 2, cv2.LINE_AA)
-    return coat
-
-
-def _body(rng: np.random.Generator, shape: np.ndarray) -> np.ndarray:
-    """uint8 COAT_H×COAT_W silhouette mask for one pose: torso, neck, head, legs, tail."""
-    mask = np.zeros((COAT_H, COAT_W), np.uint8)
-    s = shape  # per-animal proportions: torso length, depth, head size
-    depth = int(50 * s[1])
-    cv2.ellipse(mask, (245, 112), (int(150 * s[0]), depth), 0, 0, 360, 255, -1)
-    cv2.ellipse(mask, (360, 115), (62, depth + 6), -15, 0, 360, 255, -1)  # chest and shoulder
-    cv2.ellipse(mask, (135, 108), (62, depth + 4), 10, 0, 360, 255, -1)  # haunch
-    head_y = HEAD[1] + int(rng.uniform(-10, 10))
-    cv2.fillConvexPoly(mask, np.array([[375, 70], [440, head_y - 25], [455, head_y + 20], [395, 160]], np.int32), 255)
-    cv2.ellipse(mask, (HEAD[0], head_y), (int(36 * s[2]), int(31 * s[2])), 0, 0, 360, 255, -1)
-    cv2.ellipse(mask, (HEAD[0] + 30, head_y + 12), (18, 14), 0, 0, 360, 255, -1)  # muzzle
-    for ex in (432, 452):  # ears
-        cv2.circle(mask, (ex, head_y - int(29 * s[2])), 8, 255, -1)
-    for x, phase, hind in ((118, 0.0, True), (168, 1.6, True), (345, 0.8, False), (390, 2.4, False)):
-        swing = np.sin(rng.uniform(0, 2 * np.pi) + phase) * 24
-        top, knee, foot = (x, 140), (int(x + swing * 0.5 + (10 if hind else 0)), 190), (int(x + swing), 240)
-        cv2.line(mask, top, knee, 255, 30 if hind else 26, cv2.LINE_AA)
-        cv2.line(mask, knee, foot, 255, 18, cv2.LINE_AA)
-        cv2.ellipse(mask, (foot[0] + 5, foot[1]), (14, 8), 0, 0, 360, 255, -1)  # paw
-    t = np.linspace(0, 1, 16)
-    curl = rng.uniform(-70, 50)
-    tail = np.stack([80 - 78 * t, 90 + 110 * t**1.4 - curl * t**3], 1).astype(np.int32)
-    for k in range(len(tail) - 1):  # tapering tail
-        cv2.line(mask, tuple(int(v) for v in tail[k]), tuple(int(v) for v in tail[k + 1]), 255,
-                 int(16 - 8 * t[k]), cv2.LINE_AA)
-    return mask
-
-
-def _shading(mask: np.ndarray) -> np.ndarray:
-    """float32 H×W×1 light: brighter on the back, darker towards the silhouette's rim (volume)."""
-    rim = cv2.distanceTransform((mask > 127).astype(np.uint8), cv2.DIST_L2, 3)
-    rim = 0.55 + 0.45 * np.minimum(rim / 14.0, 1.0)
-    top = np.linspace(1.15, 0.8, COAT_H, dtype=np.float32)[:, None]
-    return (rim * top)[..., None]
-
-
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """float32 BGR scene: ground and vegetation blotches, grass strokes, stones."""
-    ground = rng.uniform(60, 150) * np.array(rng.uniform([0.6, 0.8, 0.9], [0.8, 1.0, 1.2]), np.float32)
-    bush = rng.uniform(30, 110) * np.array(rng.uniform([0.5, 0.9, 0.6], [0.8, 1.2, 0.9]), np.float32)
-    horizon = rng.uniform(0.35, 0.65) * height
-    y = np.arange(height, dtype=np.float32)[:, None, None]
-    mix = 1 / (1 + np.exp((y - horizon) / (0.05 * height)))
-    scene = bush * mix + ground * (1 - mix) * np.ones((1, width, 1), np.float32)
-    for cells in (8, 32):
-        noise = rng.uniform(0.6, 1.4, (cells * height // width + 1, cells, 1)).astype(np.float32)
-        scene = scene * cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
-    scene = np.clip(scene, 0, 255)
-    for _ in range(int(rng.integers(40, 90))):
-        x, y0 = rng.uniform(0, width), rng.uniform(0, height)
-        tip = (int(x + rng.uniform(-25, 25)), int(y0 - rng.uniform(15, 60)))
-        colour = tuple(float(v) for v in bush * rng.uniform(0.6, 1.8))
-        cv2.line(scene, (int(x), int(y0)), tip, colour, int(rng.integers(1, 3)), cv2.LINE_AA)
-    for _ in range(int(rng.integers(3, 10))):
-        centre = (int(rng.uniform(0, width)), int(rng.uniform(horizon, height)))
-        axes = (int(rng.uniform(8, 40)), int(rng.uniform(5, 20)))
-        cv2.ellipse(scene, centre, axes, 0, 0, 360, tuple(float(v) for v in ground * rng.uniform(0.5, 1.5)), -1)
-    return scene
-
-
-def _pose(rng: np.random.Generator, height: int, width: int, flank: str) -> np.ndarray:
-    """3×3 homography from the canonical coat frame into the photo (the animal fills much of it)."""
-    span = rng.uniform(0.8, 1.0) * width
-    aspect = rng.uniform(1.0, 1.25) * COAT_H / COAT_W
-    cx = width / 2 + rng.uniform(-0.5, 0.5) * (width - span)
-    cy = height * rng.uniform(0.45, 0.6)
-    half_w, half_h = span / 2, span * aspect / 2
-    near = rng.uniform(0.8, 1.0)  # perspective: one end farther away
-    left_scale, right_scale = (near, 1.0) if rng.random() < 0.5 else (1.0, near)
-    dst = np.array([[-half_w, -half_h * left_scale], [half_w, -half_h * right_scale],
-                    [half_w, half_h * right_scale], [-half_w, half_h * left_scale]], np.float32)
-    angle = np.deg2rad(rng.uniform(-8, 8))
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], np.float32)
-    dst = dst @ rot.T + np.array([cx, cy], np.float32)
-    src = np.array([[0, 0], [COAT_W, 0], [COAT_W, COAT_H], [0, COAT_H]], np.float32)
-    if flank == "left":  # seen from the left, the animal faces left: mirror the canonical view
-        src = src[[1, 0, 3, 2]]
-    return cv2.getPerspectiveTransform(src, dst)
-
-
-_NOISE_BANK: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Unit Gaussian sensor noise: a random window of a fixed bank (drawing 1M normals per
-    photo would dominate the generator's time)."""
-    if (height, width) not in _NOISE_BANK:
-        bank = np.random.default_rng(12345).standard_normal((height + 64, width + 64, 3), dtype=np.float32)
-        _NOISE_BANK[(height, width)] = bank
-    y, x = rng.integers(0, 64, 2)
-    return _NOISE_BANK[(height, width)][y : y + height, x : x + width]
-
-
-def render_photo(coat: np.ndarray, shape: np.ndarray, flank: str, rng: np.random.Generator,
-                 height: int = 480, width: int = 640) -> np.ndarray:
-    """One BGR uint8 photo of the animal with this coat."""
-    scene = cv2.resize(_background(rng, height // 2, width // 2), (width, height), interpolation=cv2.INTER_LINEAR)
-    scene = cv2.GaussianBlur(scene, (0, 0), rng.uniform(0.5, 1.5) * width / 320)  # focused on the animal
-    body = _body(rng, shape)
-    homography = _pose(rng, height, width, flank)
-    animal = cv2.warpPerspective((coat * _shading(body)).clip(0, 255), homography, (width, height), flags=cv2.INTER_LINEAR)
-    alpha = cv2.warpPerspective(body, homography, (width, height), flags=cv2.INTER_LINEAR)
-    alpha = cv2.GaussianBlur(alpha, (3, 3), 0).astype(np.float32) * np.float32(1 / 255)
-    image = cv2.blendLinear(scene, animal, 1 - alpha, alpha)
-    if rng.random() < 0.5:  # occluding vegetation in front of the animal
-        leaf = tuple(float(v) for v in rng.uniform([10, 40, 20], [60, 120, 70]))
-        for _ in range(int(rng.integers(1, 5))):
-            x0 = rng.uniform(0, width)
-            points = np.stack([x0 + np.cumsum(rng.uniform(-30, 30, 6)), np.linspace(height, rng.uniform(0, height), 6)], 1)
-            cv2.polylines(image, [points.astype(np.int32)], False, leaf, int(rng.integers(8, 30)), cv2.LINE_AA)
-    mode = rng.choice(3, p=[0.55, 0.25, 0.2])  # day, flash (warm, vignetted), IR (grey)
-    if mode >= 1:
-        yy, xx = np.ogrid[:height, :width]
-        r2 = ((xx - width / 2) / width) ** 2 + ((yy - height / 2) / height) ** 2
-        vignette = (1.2 - rng.uniform(0.8, 1.6) * r2).astype(np.float32)
-        image = image * vignette[..., None]
-    if mode == 2:
-        tint = np.array(rng.uniform([0.95, 0.95, 0.9], [1.1, 1.05, 1.0]), np.float32)
-        image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR) * tint
-    exposure, black = rng.uniform(0.7, 1.4), rng.uniform(-12, 12)
-    image = cv2.addWeighted(image, exposure, image, 0.0, black, dtype=cv2.CV_8U)  # saturates like a sensor
-    sigma = rng.uniform(0.0, 1.8)
-    if sigma > 0.4:
-        image = cv2.GaussianBlur(image, (0, 0), sigma)
-    noisy = cv2.scaleAdd(_noise(rng, height, width), rng.uniform(2, 9), image.astype(np.float32))
-    return np.clip(noisy, 0, 255).astype(np.uint8)
-
-
-def _animal_shape(seed: int, animal: int) -> np.ndarray:
-    return np.random.default_rng([seed, animal, 99]).uniform(0.9, 1.1, 3)
-
-
-def identity_photos(identity_index: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
-                    ) -> Iterator[tuple[str, str, str, np.ndarray]]:
+def identity_photos(
+    identity_index: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
+) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """(identity, flank, file stem, BGR photo) for the photos of one identity."""
     identity, animal, flank = identity_names(identity_index + 1)[identity_index]
-    coat = _coat(np.random.default_rng([seed, animal, FLANKS.index(flank)]), _coat_style(seed, animal))
-    shape = _animal_shape(seed, animal)
+    coat = scene.draw_coat(
+        np.random.default_rng([seed, animal, FLANKS.index(flank)]), scene.coat_style(seed, animal)
+    )
+    shape = scene.animal_shape(seed, animal)
     for n in range(images_per_identity):
         rng = np.random.default_rng([seed, animal, FLANKS.index(flank), n + 1])
-        yield identity, flank, f"{identity}_{n:03d}", render_photo(coat, shape, flank, rng, height, width)
+        yield (
+            identity,
+            flank,
+            f"{identity}_{n:03d}",
+            scene.render_photo(coat, shape, flank, rng, height, width),
+        )
 
 
-def photos(identities: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
-           ) -> Iterator[tuple[str, str, str, np.ndarray]]:
+def photos(
+    identities: int, images_per_identity: int, seed: int, height: int = 480, width: int = 640
+) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """(identity, flank, file stem, BGR photo) for every photo, in a fixed order."""
     for k in range(identities):
         yield from identity_photos(k, images_per_identity, seed, height, width)
 
 
-def _write_identity(out: pathlib.Path, identity_index: int, images_per_identity: int, seed: int,
-                    height: int, width: int) -> int:
+def _write_identity(
+    out: pathlib.Path,
+    identity_index: int,
+    images_per_identity: int,
+    seed: int,
+    height: int,
+    width: int,
+) -> int:
     cv2.setNumThreads(1)  # parallelism comes from the process pool
     count = 0
-    for identity, _, stem, image in identity_photos(identity_index, images_per_identity, seed, height, width):
+    for identity, _, stem, image in identity_photos(
+        identity_index, images_per_identity, seed, height, width
+    ):
         folder = out / identity
         folder.mkdir(parents=True, exist_ok=True)
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -258,8 +90,15 @@ def _write_identity(out: pathlib.Path, identity_index: int, images_per_identity:
     return count
 
 
-def write_photos(out: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
-                 height: int = 480, width: int = 640, workers: int = 0) -> int:
+def write_photos(
+    out: str | os.PathLike,
+    identities: int,
+    images_per_identity: int,
+    seed: int,
+    height: int = 480,
+    width: int = 640,
+    workers: int = 0,
+) -> int:
     """Identity folders of JPEGs (`OUT/<identity>/<identity>_<n>.jpg`); returns the count.
 
     `workers` > 0 renders identities in that many processes; the files are the same.
@@ -282,8 +121,16 @@ def simple_edges(bgr: np.ndarray) -> np.ndarray:
     return cv2.Canny(grey, 55, 160)
 
 
-def write_records_dataset(dataset_dir: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
-                          height: int = 64, width: int = 128, photo_height: int = 240, photo_width: int = 320) -> int:
+def write_records_dataset(
+    dataset_dir: str | os.PathLike,
+    identities: int,
+    images_per_identity: int,
+    seed: int,
+    height: int = 64,
+    width: int = 128,
+    photo_height: int = 240,
+    photo_width: int = 320,
+) -> int:
     """A complete dataset directory (records.py format) straight from synthetic photos.
 
     The whole photo is the crop (like `--detector none`); the edge channel is `simple_edges`,
@@ -294,43 +141,87 @@ def write_records_dataset(dataset_dir: str | os.PathLike, identities: int, image
     dataset_dir = pathlib.Path(dataset_dir)
     for sub in ("crops", "edges"):
         (dataset_dir / sub).mkdir(parents=True, exist_ok=True)
-    records.save_settings(dataset_dir, {"height": height, "width": width, "channels": 4,
-                                        "source": "leopard_jax.data.synthetic", "seed": seed, "edges": "simple"})
+    records.save_settings(
+        dataset_dir,
+        {
+            "height": height,
+            "width": width,
+            "channels": 4,
+            "source": "leopard_jax.data.synthetic",
+            "seed": seed,
+            "edges": "simple",
+        },
+    )
 
     def items():
-        for identity, flank, stem, photo in photos(identities, images_per_identity, seed, photo_height, photo_width):
+        for identity, flank, stem, photo in photos(
+            identities, images_per_identity, seed, photo_height, photo_width
+        ):
             crop = cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
             edge = simple_edges(crop)
             key = f"{identity}/{stem}#0"
             crop_rel, edge_rel = f"crops/{identity}__{stem}.jpg", f"edges/{identity}__{stem}.jpg"
             cv2.imwrite(str(dataset_dir / crop_rel), crop)
             cv2.imwrite(str(dataset_dir / edge_rel), edge)
-            row = {"key": key, "source": f"{identity}/{stem}.jpg", "identity": identity, "flank": flank,
-                   "crop": crop_rel, "edge": edge_rel}
+            row = {
+                "key": key,
+                "source": f"{identity}/{stem}.jpg",
+                "identity": identity,
+                "flank": flank,
+                "crop": crop_rel,
+                "edge": edge_rel,
+            }
             yield row, np.dstack([crop[..., ::-1], edge])
 
     return records.write_records(dataset_dir, "synthetic-00000", items())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m leopard_jax.data.synthetic", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder to write <identity>/<photo>.jpg into")
-    parser.add_argument("--identities", type=int, default=40, help="identity folders (two flanks per animal)")
-    parser.add_argument("--images-per-identity", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=480, help="photo height in pixels")
-    parser.add_argument("--width", type=int, default=640, help="photo width in pixels")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="processes rendering identities in parallel (0 = in this process)")
-    args = parser.parse_args(argv)
-    if args.identities < 1 or args.images_per_identity < 1 or args.height < 32 or args.width < 32:
-        parser.error("--identities and --images-per-identity must be >= 1, --height/--width >= 32")
-    out = pathlib.Path(args.out)
+FLAGS = flags.FlagValues()
+_OUT = flags.DEFINE_string(
+    "out", None, "folder to write <identity>/<photo>.jpg into", flag_values=FLAGS, required=True
+)
+_IDENTITIES = flags.DEFINE_integer(
+    "identities", 40, "identity folders (two flanks per animal)", flag_values=FLAGS
+)
+_PER_IDENTITY = flags.DEFINE_integer(
+    "images-per-identity", 8, "photos per identity", flag_values=FLAGS
+)
+_SEED = flags.DEFINE_integer("seed", 0, "seed of everything drawn", flag_values=FLAGS)
+_HEIGHT = flags.DEFINE_integer("height", 480, "photo height in pixels", flag_values=FLAGS)
+_WIDTH = flags.DEFINE_integer("width", 640, "photo width in pixels", flag_values=FLAGS)
+_WORKERS = flags.DEFINE_integer(
+    "workers",
+    min(4, os.cpu_count() or 1),
+    "processes rendering identities in parallel (0 = in this process)",
+    flag_values=FLAGS,
+)
+
+
+def run(argv: list[str]) -> None:
+    if argv:
+        raise cli.CommandError(f"unexpected arguments {argv}; see --help")
+    if min(_IDENTITIES.value, _PER_IDENTITY.value) < 1 or min(_HEIGHT.value, _WIDTH.value) < 32:
+        raise cli.CommandError(
+            "--identities and --images-per-identity must be >= 1, --height/--width >= 32"
+        )
+    out = pathlib.Path(_OUT.value)
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder")
-    n = write_photos(out, args.identities, args.images_per_identity, args.seed, args.height, args.width, args.workers)
-    print(f"wrote {n} photos of {args.identities} identities to {out}")
+        raise cli.CommandError(f"--out {out} is a file; give a folder")
+    n = write_photos(
+        out,
+        _IDENTITIES.value,
+        _PER_IDENTITY.value,
+        _SEED.value,
+        _HEIGHT.value,
+        _WIDTH.value,
+        _WORKERS.value,
+    )
+    print(f"wrote {n} photos of {_IDENTITIES.value} identities to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(FLAGS, run, argv, prog="python -m leopard_jax.data.synthetic")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

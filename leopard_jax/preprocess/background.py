@@ -45,7 +45,9 @@ def new_session(model: str, custom_session: str = "u2net_custom", threads: int =
         try:
             return rembg.new_session(model, sess_opts=options, providers=providers)
         except ValueError as e:
-            raise ValueError(f"background model {model!r}: {e}; or give a local .onnx file") from None
+            raise ValueError(
+                f"background model {model!r}: {e}; or give a local .onnx file"
+            ) from None
         except Exception as e:  # download failures surface as many types (network, checksum)
             raise RuntimeError(
                 f"background model {model!r} could not be loaded ({type(e).__name__}: {e}); "
@@ -53,12 +55,18 @@ def new_session(model: str, custom_session: str = "u2net_custom", threads: int =
             ) from None
     path = pathlib.Path(model).expanduser().absolute()
     if not path.is_file():
-        raise FileNotFoundError(f"background model {path}: no such file; give a .onnx file or a rembg model name")
+        raise FileNotFoundError(
+            f"background model {path}: no such file; give a .onnx file or a rembg model name"
+        )
     try:
         with _model_home(path.parent):
-            return rembg.new_session(custom_session, sess_opts=options, providers=providers, model_path=str(path))
+            return rembg.new_session(
+                custom_session, sess_opts=options, providers=providers, model_path=str(path)
+            )
     except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail...)
-        raise ValueError(f"background model {path}: not loadable by rembg {custom_session!r} ({e})") from None
+        raise ValueError(
+            f"background model {path}: not loadable by rembg {custom_session!r} ({e})"
+        ) from None
 
 
 def predict_mask(session, rgb: np.ndarray) -> np.ndarray:
@@ -79,7 +87,9 @@ def apply_mask(rgb: np.ndarray, mask: np.ndarray, fill: int = 0) -> np.ndarray:
 class BackgroundRemover:
     """Callable: RGB uint8 -> (background-removed RGB, mask)."""
 
-    def __init__(self, model: str, *, custom_session: str = "u2net_custom", fill: int = 0, threads: int = 0):
+    def __init__(
+        self, model: str, *, custom_session: str = "u2net_custom", fill: int = 0, threads: int = 0
+    ):
         self.session = new_session(model, custom_session, threads)
         self.fill = fill
 

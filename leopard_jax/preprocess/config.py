@@ -9,13 +9,20 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.input = ""  # folder of <identity>/<photo>, an unlabelled folder, or a CSV path,identity[,flank]
+    # folder of <identity>/<photo>, an unlabelled folder, a CSV path,identity[,flank] (or the
+    # wildlife-datasets table with bbox, viewpoint), or a COCO .json (one item per annotation)
+    c.input = ""
+    c.images = ""  # folder a COCO file's (or CSV's) relative paths start from; see coco.py
     c.output = ""  # dataset dir (leopard_jax/data/records.py)
     c.labels = "auto"  # folders | none | auto (identity folders when no photo at the top level)
-    c.min_image_side = 32  # smaller photos are rejected
+    c.identity_field = "name"  # the COCO annotation field naming the individual
+    c.split_field = "split"  # the COCO annotation/image field holding the dataset's own split
+    c.boxes = "annotations"  # annotations (crop annotated boxes) | detector (its best match)
+    c.min_image_side = 32  # smaller photos and annotated boxes are rejected
 
     c.detector = ml_collections.ConfigDict()
     c.detector.model = ""  # an ONNX file, or "none" for photos already cropped; required
+    # unless every item comes with its annotated box
     c.detector.format = "auto"  # auto | yolov5 (MegaDetector v5) | ultralytics | yolox
     c.detector.input_size = 0  # 0: from the model; needed for dynamic-shape exports (MDv5: 1280)
     c.detector.threshold = 0.2  # confidence; MegaDetector's own suggestion for v5
@@ -27,12 +34,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.background = ml_collections.ConfigDict()
     c.background.model = "none"  # none | a rembg model name (u2net, u2netp, ...) | a local .onnx
-    c.background.custom_session = "u2net_custom"  # rembg class for a local file (dis_custom, ben_custom)
+    # rembg class for a local file (dis_custom, ben_custom)
+    c.background.custom_session = "u2net_custom"
     c.background.fill = 0  # grey level where the background was removed
 
     c.rgb_source = "crop"  # crop | removed: which image fills R, G, B (paper's best: crop)
     c.edges = ml_collections.ConfigDict()
-    c.edges.source = "auto"  # auto (= removed when background.model is set, else crop) | removed | crop
+    # auto (= removed when background.model is set, else crop) | removed | crop
+    c.edges.source = "auto"
     c.edges.equalize = True
     c.edges.blur_ksize = 5
     c.edges.blur_sigma = 0.0  # 0: OpenCV's sigma for the kernel size
@@ -51,5 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.workers = 0  # 0: one per CPU core; 1: one worker process; -1: in this process (debugging)
     c.onnx_threads = 0  # intra-op threads per worker; 0: cores / workers
-    c.shard_size = 256  # photos per committed shard: a killed run loses at most this many
+    c.shard_size = 256  # items per committed shard: a killed run loses at most this many
+    c.shard = ""  # "I/N": this process does part I of N (every N-th item); "" = all
     return c

@@ -39,7 +39,9 @@ class Letterbox:
     top: int
 
 
-def letterbox(image: np.ndarray, size: tuple[int, int], centre: bool) -> tuple[np.ndarray, Letterbox]:
+def letterbox(
+    image: np.ndarray, size: tuple[int, int], centre: bool
+) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping the aspect ratio to fit `size` (H, W), pad with grey 114."""
     height, width = image.shape[:2]
     scale = min(size[0] / height, size[1] / width)
@@ -87,7 +89,9 @@ def yolox_grid(input_hw: tuple[int, int], strides=(8, 16, 32)) -> tuple[np.ndarr
     return np.concatenate(origins).astype(np.float32), np.concatenate(steps).astype(np.float32)
 
 
-def decode(output: np.ndarray, fmt: str, input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def decode(
+    output: np.ndarray, fmt: str, input_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw output [1, ...] -> (xyxy boxes in input pixels [N, 4], class scores [N, C])."""
     out = np.asarray(output, dtype=np.float32)[0]
     if fmt == "ultralytics":
@@ -107,14 +111,17 @@ def decode(output: np.ndarray, fmt: str, input_hw: tuple[int, int]) -> tuple[np.
     return boxes, scores
 
 
+def _area(b: np.ndarray) -> np.ndarray:
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+
+
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     x0 = np.maximum(box[0], boxes[:, 0])
     y0 = np.maximum(box[1], boxes[:, 1])
     x1 = np.minimum(box[2], boxes[:, 2])
     y1 = np.minimum(box[3], boxes[:, 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+    return inter / np.maximum(_area(box) + _area(boxes) - inter, 1e-9)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -129,7 +136,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 
 def parse_classes(spec: str | int | tuple | list, num_classes: int) -> tuple[int, ...]:
-    """"animal" (MegaDetector 0, COCO 14–23), "all", or ids like "0" / "14-23,0"."""
+    """ "animal" (MegaDetector 0, COCO 14–23), "all", or ids like "0" / "14-23,0"."""
     if isinstance(spec, (list, tuple)):
         return tuple(int(c) for c in spec)
     spec = str(spec).strip().lower()
@@ -209,7 +216,9 @@ def onnx_session(model_path: str | os.PathLike, threads: int = 0):
     """One ONNX Runtime session (one per worker process)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=providers())
+    return ort.InferenceSession(
+        str(model_path), sess_options=session_options(threads), providers=providers()
+    )
 
 
 class Detector:
@@ -228,23 +237,35 @@ class Detector:
         threads: int = 0,
     ):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"detector {model_path}: no such file; give an ONNX file or 'none'")
+            raise FileNotFoundError(
+                f"detector {model_path}: no such file; give an ONNX file or 'none'"
+            )
         try:
             self.session = onnx_session(model_path, threads)
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail...)
-            raise ValueError(f"detector {model_path}: not a loadable ONNX model ({e}); check the file") from None
+            raise ValueError(
+                f"detector {model_path}: not a loadable ONNX model ({e}); check the file"
+            ) from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_hw = self._input_hw(inp.shape, input_size, model_path)
-        probe = self.session.run(None, {self.input_name: np.zeros((1, 3, *self.input_hw), np.float32)})[0]
+        probe = self.session.run(
+            None, {self.input_name: np.zeros((1, 3, *self.input_hw), np.float32)}
+        )[0]
         if probe.ndim != 3:
-            raise ValueError(f"detector {model_path}: output shape {probe.shape} is not [1, N, K] or [1, K, N]")
+            raise ValueError(
+                f"detector {model_path}: output shape {probe.shape} is not [1, N, K] or [1, K, N]"
+            )
         self.format = infer_format(probe.shape, self.input_hw) if fmt == "auto" else fmt
         if self.format not in FORMATS:
             raise ValueError(f"detector.format={fmt!r}: use auto or one of {FORMATS}")
         num_classes = (probe.shape[1] - 4) if self.format == "ultralytics" else (probe.shape[2] - 5)
         self.classes = parse_classes(classes, num_classes)
-        self.threshold, self.iou_threshold, self.max_detections = threshold, iou_threshold, max_detections
+        self.threshold, self.iou_threshold, self.max_detections = (
+            threshold,
+            iou_threshold,
+            max_detections,
+        )
 
     @staticmethod
     def _input_hw(shape, input_size, model_path) -> tuple[int, int]:
@@ -261,7 +282,9 @@ class Detector:
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, Letterbox]:
         """RGB uint8 -> NCHW float32 input; YOLOX wants BGR 0–255 top-left, others RGB 0–1 centred."""
         yolox = self.format == "yolox"
-        image, placement = letterbox(rgb[..., ::-1] if yolox else rgb, self.input_hw, centre=not yolox)
+        image, placement = letterbox(
+            rgb[..., ::-1] if yolox else rgb, self.input_hw, centre=not yolox
+        )
         x = image.astype(np.float32)
         if not yolox:
             x /= 255.0

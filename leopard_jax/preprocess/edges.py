@@ -22,7 +22,9 @@ def edge_map(
 ) -> np.ndarray:
     """RGB uint8 H×W×3 -> edges uint8 H×W (0 or 255). blur_ksize 0 skips the blur."""
     if blur_ksize and blur_ksize % 2 == 0:
-        raise ValueError(f"edges.blur_ksize={blur_ksize}: the Gaussian kernel size must be odd (e.g. 5)")
+        raise ValueError(
+            f"edges.blur_ksize={blur_ksize}: the Gaussian kernel size must be odd (e.g. 5)"
+        )
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     if equalize:
         grey = cv2.equalizeHist(grey)

@@ -1,11 +1,15 @@
-"""Which photos to process (identity folders, a CSV, or an unlabelled folder) and how to
-decode one into plain RGB uint8, whatever its file format quirks."""
+"""Which photos to process (identity folders, a CSV, an unlabelled folder, or a COCO file:
+see coco.py) and how to decode one into plain RGB uint8, whatever its file format quirks.
+
+A listed item is one animal to crop: a whole photo, or one annotated box in it (CSV `bbox`
+column, COCO annotation), with the identity, flank, capture date and split it came with."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
+import math
 import os
 import pathlib
 import re
@@ -17,6 +21,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _FLANK_RE = re.compile(r"^(?P<name>.+?)[_\-\s]+(?P<flank>left|right)$", re.IGNORECASE)
 _FLANK_WORDS = {"l": "left", "left": "left", "r": "right", "right": "right"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]+")
+# Identities that mean "not identified": Wild Me's placeholder and wildlife-datasets' name.
+UNNAMED = ("____", "unknown")
+_NO_VALUE = ("", "na", "nan", "none", "null")  # empty cells as pandas and Wild Me write them
 
 
 class InputError(ValueError):
@@ -29,10 +36,15 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Photo:
-    source: str  # absolute path: what a resumed run compares against
+    source: str  # absolute path of the photo file
     identity: str  # "" when unknown
-    flank: str  # "left" / "right" / ""
+    flank: str  # "left" / "right" / "" / another viewpoint ("front", "up"...)
     name: str  # "<identity>/<stem>" or relative stem; the record key is built from it
+    box: tuple[float, float, float, float] | None = None  # annotated x0 y0 x1 y1, source px
+    annotation: str = ""  # which annotation of the photo; (source, annotation) is resumed on
+    viewpoint: str = ""  # as annotated
+    date: str = ""  # capture date as given
+    split: str = ""  # the input's own split
 
 
 def parse_flank(identity: str) -> str:
@@ -43,6 +55,46 @@ def parse_flank(identity: str) -> str:
 
 def normalise_flank(value: str) -> str:
     return _FLANK_WORDS.get(value.strip().lower(), "")
+
+
+def flank_of_viewpoint(viewpoint: str) -> str:
+    """`left`, `frontleft`, `upbackright` -> the flank seen; any other viewpoint (`front`,
+    `up`) is kept, lower case, so it can be filtered; "" when there is none."""
+    value = viewpoint.strip().lower()
+    if value in _NO_VALUE:
+        return ""
+    if value in _FLANK_WORDS:
+        return _FLANK_WORDS[value]
+    sides = [side for side in ("left", "right") if side in value]
+    return sides[0] if len(sides) == 1 else value
+
+
+def clean(value) -> str:
+    """A cell or JSON value as text; "" for the ways files spell "nothing"."""
+    text = "" if value is None else str(value).strip()
+    return "" if text.lower() in _NO_VALUE else text
+
+
+def identity_of(value) -> str:
+    name = clean(value)
+    return "" if name in UNNAMED else name
+
+
+def parse_box(value, where: str) -> tuple[float, float, float, float] | None:
+    """COCO's `[x, y, width, height]` (a list, or text like `[x, y, w, h]` / `x y w h`) ->
+    (x0, y0, x1, y1); None when empty. Raises InputError naming `where` for anything else."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()").strip()
+        if clean(text) == "":
+            return None
+        value = re.split(r"[,\s]+", text)
+    try:
+        x, y, w, h = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: bbox {value!r} is not [x, y, width, height]") from None
+    if not all(map(math.isfinite, (x, y, w, h))) or not (w > 0 and h > 0):
+        raise InputError(f"{where}: bbox {value!r} needs a positive width and height")
+    return x, y, x + w, y + h
 
 
 def safe_name(text: str) -> str:
@@ -57,7 +109,8 @@ def _is_image(path: pathlib.Path) -> bool:
 
 def _images_under(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(
-        p for p in folder.rglob("*")
+        p
+        for p in folder.rglob("*")
         if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
@@ -77,46 +130,91 @@ def list_folder(folder: pathlib.Path, labels: str = "auto") -> list[Photo]:
     for path in images:
         rel = path.relative_to(folder)
         identity = rel.parts[0] if labels == "folders" and len(rel.parts) > 1 else ""
-        photos.append(Photo(os.path.abspath(path), identity, parse_flank(identity), _stem_name(rel)))
+        photos.append(
+            Photo(os.path.abspath(path), identity, parse_flank(identity), _stem_name(rel))
+        )
     return photos
 
 
-def list_csv(csv_path: pathlib.Path) -> list[Photo]:
-    """Rows `path,identity[,flank]` (header optional, extra columns ignored); relative
-    paths are relative to the CSV's folder. Missing files are listed: they get rejected."""
+def _csv_rows(csv_path: pathlib.Path) -> tuple[dict[str, int], list[list[str]]]:
+    """(column -> index, data rows); without a header, the columns are path,identity,flank."""
     with open(csv_path, newline="") as f:
         rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
     if not rows:
-        raise InputError(f"--input {csv_path}: the CSV has no rows; expected `path,identity[,flank]`")
+        raise InputError(
+            f"--input {csv_path}: the CSV has no rows; expected `path,identity[,flank]`"
+        )
     header = [cell.strip().lower() for cell in rows[0]]
-    if "path" in header:
-        col = {name: header.index(name) for name in ("path", "identity", "flank") if name in header}
-        rows = rows[1:]
-    else:
-        col = {"path": 0, "identity": 1, "flank": 2}
+    if "path" not in header:
+        return {"path": 0, "identity": 1, "flank": 2}, rows
+    return {name: header.index(name) for name in header}, rows[1:]
+
+
+def list_csv(csv_path: pathlib.Path, images: str | os.PathLike | None = None) -> list[Photo]:
+    """Rows `path,identity[,flank]` (header optional, extra columns ignored), or the
+    wildlife-datasets table (`image_id, identity, path, bbox, viewpoint`, optional `date`,
+    `split`): one item per row, cropped to its `bbox` when it has one. Relative paths are
+    relative to `images` (default: the CSV's folder). Missing files are listed: they get
+    rejected."""
+    col, rows = _csv_rows(csv_path)
+    base = pathlib.Path(images) if images else csv_path.parent
     photos = []
-    for row in rows:
-        cell = lambda name: row[col[name]].strip() if name in col and col[name] < len(row) else ""  # noqa: E731
-        path = pathlib.Path(cell("path"))
-        path = path if path.is_absolute() else csv_path.parent / path
-        identity = cell("identity")
-        flank = normalise_flank(cell("flank")) or parse_flank(identity)
+    for n, row in enumerate(rows, start=1):
+        cell = {name: row[i].strip() if i < len(row) else "" for name, i in col.items()}.get
+        path = pathlib.Path(cell("path", ""))
+        path = path if path.is_absolute() else base / path
+        identity = identity_of(cell("identity"))
+        viewpoint = clean(cell("viewpoint") or cell("orientation"))
+        flank = normalise_flank(cell("flank", "")) or flank_of_viewpoint(viewpoint)
         prefix = safe_name(identity) if identity else "unlabelled"
-        photos.append(Photo(os.path.abspath(path), identity, flank, f"{prefix}/{safe_name(path.stem)}"))
+        photos.append(
+            Photo(
+                os.path.abspath(path),
+                identity,
+                flank or parse_flank(identity),
+                f"{prefix}/{safe_name(path.stem)}",
+                box=parse_box(cell("bbox", ""), f"--input {csv_path}, data row {n}"),
+                annotation=clean(cell("image_id")),
+                viewpoint=viewpoint,
+                date=clean(cell("date")),
+                split=clean(cell("split") or cell("original_split")),
+            )
+        )
     return photos
 
 
-def list_photos(input_path: str | os.PathLike, labels: str = "auto") -> list[Photo]:
-    """All photos named by --input, with identity, flank and a unique key name each."""
+def list_photos(
+    input_path: str | os.PathLike,
+    labels: str = "auto",
+    *,
+    images: str | os.PathLike | None = None,
+    identity_field: str = "name",
+    split_field: str = "split",
+) -> list[Photo]:
+    """All items named by --input, with identity, flank and a unique key name each.
+
+    `images` is where a CSV's relative paths or a COCO file's `file_name`s live;
+    `identity_field` and `split_field` name a COCO annotation's fields."""
     path = pathlib.Path(input_path)
     if labels not in ("auto", "folders", "none"):
         raise InputError(f"labels={labels!r}: use auto, folders or none")
     if not path.exists():
-        raise InputError(f"--input {path}: no such file or folder; give a folder of photos or a CSV")
-    if path.is_file():
+        raise InputError(
+            f"--input {path}: no such file or folder; give a folder of photos or a CSV"
+        )
+    if path.is_file() and path.suffix.lower() == ".json":
+        from leopard_jax.preprocess import coco  # coco.py builds on this module
+
+        photos = coco.list_coco(
+            path, images, identity_field=identity_field, split_field=split_field
+        )
+    elif path.is_file():
         if path.suffix.lower() != ".csv":
-            raise InputError(f"--input {path}: a file must be a CSV (path,identity[,flank]); or give its folder")
-        photos = list_csv(path)
+            raise InputError(
+                f"--input {path}: a file must be a CSV (path,identity[,flank]) or a COCO .json; "
+                "or give its folder"
+            )
+        photos = list_csv(path, images)
     else:
         photos = list_folder(path, labels)
         if not photos:

@@ -8,7 +8,9 @@ import numpy as np
 MODES = ("stretch", "letterbox")
 
 
-def resize(image: np.ndarray, height: int, width: int, mode: str = "stretch", pad_value: int = 0) -> np.ndarray:
+def resize(
+    image: np.ndarray, height: int, width: int, mode: str = "stretch", pad_value: int = 0
+) -> np.ndarray:
     """`stretch` fills H×W ignoring the aspect ratio (as the paper); `letterbox` keeps it and
     pads the sides with `pad_value`, centred. Area interpolation when shrinking keeps thin
     edges as grey lines instead of dropping them."""
@@ -21,7 +23,9 @@ def resize(image: np.ndarray, height: int, width: int, mode: str = "stretch", pa
         scale = min(height / src_h, width / src_w)
         new_h, new_w = max(1, round(src_h * scale)), max(1, round(src_w * scale))
     shrink = new_h < src_h or new_w < src_w
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    resized = cv2.resize(
+        image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    )
     if resized.ndim == 2 and image.ndim == 3:
         resized = resized[..., None]
     if (new_h, new_w) == (height, width):
@@ -33,7 +37,12 @@ def resize(image: np.ndarray, height: int, width: int, mode: str = "stretch", pa
 
 
 def render(
-    rgb: np.ndarray, edge: np.ndarray, height: int = 256, width: int = 512, mode: str = "stretch", pad_value: int = 0
+    rgb: np.ndarray,
+    edge: np.ndarray,
+    height: int = 256,
+    width: int = 512,
+    mode: str = "stretch",
+    pad_value: int = 0,
 ) -> np.ndarray:
     """RGB H×W×3 + edge H×W (same size) -> uint8 height×width×4 (R, G, B, edge)."""
     if rgb.shape[:2] != edge.shape[:2]:
