@@ -62,7 +62,7 @@ def encode_labels(labels: Sequence[Any] | np.ndarray) -> np.ndarray:
 # --- ranking statistics, shared by the offline metrics and the in-batch DTkAP ---------
 
 
-def _precision_curves(matches: jax.Array, class_mates: jax.Array):
+def precision_curves(matches: jax.Array, class_mates: jax.Array):
     """Per query: DTkAP and TkRMD curves for every cut-off k = 1..K.
 
     Args:
@@ -111,7 +111,7 @@ def batch_dtkap(
     same = (labels[:, None] == labels[None, :]) & valid[None, :] & valid[:, None]
     class_mates = jnp.sum(same, axis=-1) - 1
     matches = jnp.take_along_axis(same, jnp.maximum(idx, 0), axis=-1) & (idx >= 0)
-    dtkap, _ = _precision_curves(matches, class_mates)
+    dtkap, _ = precision_curves(matches, class_mates)
     counted = valid & (class_mates > 0)
     total = jnp.sum(jnp.where(counted, dtkap[:, -1], 0.0))
     return total / jnp.maximum(jnp.sum(counted), 1)
@@ -141,7 +141,7 @@ def _query_chunk_stats(
 
     _, nn_index = ranking.best_k(jnp.where(is_self, -jnp.inf, -dist), k_max)
     matches = (labels[jnp.maximum(nn_index, 0)] == q_labels[:, None]) & (nn_index >= 0)
-    dtkap, hit = _precision_curves(matches, class_mates[q_index])
+    dtkap, hit = precision_curves(matches, class_mates[q_index])
 
     # arccos for every pair; for the most similar ones the stable angle from the vectors.
     _, near = ranking.best_k(jnp.where(is_self, -jnp.inf, cos), num_near)

@@ -14,8 +14,15 @@ from leopard_jax import embeddings_io, evaluate
 # Points on the unit circle (degrees). No two distances from one query are equal, so the
 # rankings below are unambiguous. "u" is unlabelled and lies between a1 and a2: counted,
 # it would change their rankings and the smallest angle.
-LAYOUT = [("a1", "A", 0), ("a2", "A", 10), ("a3", "A", 100), ("b1", "B", 25), ("b2", "B", 110),
-          ("c1", "C", 215), ("u", "", 5)]
+LAYOUT = [
+    ("a1", "A", 0),
+    ("a2", "A", 10),
+    ("a3", "A", 100),
+    ("b1", "B", 25),
+    ("b2", "B", 110),
+    ("c1", "C", 215),
+    ("u", "", 5),
+]
 # Rankings by hand (angle to each other labelled point, nearest first), ✓ = same class:
 #   a1: a2 10✓, b1 25, a3 100✓, b2 110, c1 145   -> k_i = 2: DT5AP = (1 + 1/2)/2 = 0.75
 #   a2: a1 10✓, b1 15, a3 90✓, b2 100, c1 155    -> 0.75
@@ -37,8 +44,9 @@ HAND = {
 def layout_embeddings(flanks=None) -> embeddings_io.Embeddings:
     radians = np.deg2rad([deg for _, _, deg in LAYOUT])
     vectors = np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
-    return embeddings_io.make(vectors, keys=[k for k, _, _ in LAYOUT], identities=[i for _, i, _ in LAYOUT],
-                              flanks=flanks)
+    return embeddings_io.make(
+        vectors, keys=[k for k, _, _ in LAYOUT], identities=[i for _, i, _ in LAYOUT], flanks=flanks
+    )
 
 
 def hand_ccdr() -> float:
@@ -58,7 +66,11 @@ def test_metrics_equal_the_hand_computed_ones():
     assert result["DT5AP"] == pytest.approx(HAND["DT5AP"], abs=1e-6)
     assert result["T1RMD"] == pytest.approx(0.4) and result["T5RMD"] == pytest.approx(1.0)
     assert result["TkRMD"] == pytest.approx(HAND["TkRMD"])
-    assert result["n_queries"] == 5 and result["n_unlabelled_ignored"] == 1 and result["n_classes"] == 3
+    assert (
+        result["n_queries"] == 5
+        and result["n_unlabelled_ignored"] == 1
+        and result["n_classes"] == 3
+    )
     assert result["k_ranked"] == 5 and result["DTkAP"][5:] == [result["DTkAP"][4]] * 5
     assert result["CCDR"] == pytest.approx(hand_ccdr(), rel=1e-4)
     assert result["angle_same_mean"] == pytest.approx(HAND["angle_same_mean"], abs=1e-3)
@@ -96,9 +108,22 @@ def test_command_writes_metrics_and_plot(tmp_path, capsys):
     embeddings_io.write(path, layout_embeddings())
     assert evaluate.main(["--embeddings", str(path), "--out", str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
-    assert "1 images without identity ignored" in printed and "equal those at k = 5" in printed and "DT5AP" in printed
+    assert (
+        "1 images without identity ignored" in printed
+        and "equal those at k = 5" in printed
+        and "DT5AP" in printed
+    )
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    for key in ("DT5AP", "T1RMD", "T5RMD", "TkRMD", "CCDR", "n_queries", "angle_same_mean", "angle_diff_mean"):
+    for key in (
+        "DT5AP",
+        "T1RMD",
+        "T5RMD",
+        "TkRMD",
+        "CCDR",
+        "n_queries",
+        "angle_same_mean",
+        "angle_diff_mean",
+    ):
         assert key in saved
     assert saved["DT5AP"] == pytest.approx(HAND["DT5AP"], abs=1e-6)
     plot = cv2.imread(str(tmp_path / "ev" / "tkrmd.png"))
@@ -108,7 +133,9 @@ def test_command_writes_metrics_and_plot(tmp_path, capsys):
 
 
 def test_undefined_values_are_json_null_and_unlabelled_sets_are_refused(tmp_path, capsys):
-    one_class = embeddings_io.make(np.eye(3, dtype=np.float32), keys=list("abc"), identities=["x"] * 3)
+    one_class = embeddings_io.make(
+        np.eye(3, dtype=np.float32), keys=list("abc"), identities=["x"] * 3
+    )
     path = tmp_path / "one.npz"
     embeddings_io.write(path, one_class)
     assert evaluate.main(["--embeddings", str(path), "--out", str(tmp_path / "o")]) == 0
@@ -129,11 +156,17 @@ def test_split_restricts_to_held_out_identities(tmp_path, capsys):
     dataset.mkdir()
     records.save_split(dataset, {"train": ["B", "C"], "test": ["A"]})
     data = layout_embeddings()
-    data = embeddings_io.make(data.embeddings, meta={"dataset": str(dataset)},
-                              **{f: getattr(data, f) for f in embeddings_io.STRING_FIELDS})
+    data = embeddings_io.make(
+        data.embeddings,
+        meta={"dataset": str(dataset)},
+        **{f: getattr(data, f) for f in embeddings_io.STRING_FIELDS},
+    )
     path = tmp_path / "e.npz"
     embeddings_io.write(path, data)
-    assert evaluate.main(["--embeddings", str(path), "--split", "test", "--out", str(tmp_path / "t")]) == 0
+    assert (
+        evaluate.main(["--embeddings", str(path), "--split", "test", "--out", str(tmp_path / "t")])
+        == 0
+    )
     saved = json.loads((tmp_path / "t" / "metrics.json").read_text())
     # only a1, a2, a3 remain: a1 -> a2 (10) then a3; a2 -> a1 then a3; a3 -> a2 (90) then a1
     assert saved["n_samples"] == 3 and saved["n_queries"] == 3 and saved["split"] == "test"
@@ -142,5 +175,18 @@ def test_split_restricts_to_held_out_identities(tmp_path, capsys):
     capsys.readouterr()
     assert evaluate.main(["--embeddings", str(path), "--split", "val"]) == 2
     assert "no split 'val'" in capsys.readouterr().err
-    assert evaluate.main(["--embeddings", str(path), "--split", "test", "--data", str(tmp_path)]) == 2
+    assert (
+        evaluate.main(["--embeddings", str(path), "--split", "test", "--data", str(tmp_path)]) == 2
+    )
     assert "no split.json" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag_and_bad_flags_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{name}:" in text for name in ("embeddings", "out", "k-max", "split", "data"))
+    assert "--[no]ignore-flank:" in text  # a boolean
+    assert evaluate.main(["--embeddings", "e.npz", "--k-max", "0"]) == 2
+    assert "--k-max" in capsys.readouterr().err

@@ -16,21 +16,35 @@ from leopard_jax.review import store as store_lib
 from leopard_jax.review import synthetic
 
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (scripts/install_chromium.sh)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="no /usr/bin/chromium (scripts/install_chromium.sh)"
+    ),
 ]
 
 
 @pytest.fixture
 def served(tmp_path):
-    catalog = cand_lib.load_catalog(synthetic.write_synthetic(tmp_path / "data", individuals=4, per_individual=3))
+    catalog = cand_lib.load_catalog(
+        synthetic.write_synthetic(tmp_path / "data", individuals=4, per_individual=3)
+    )
     store = store_lib.Store(tmp_path / "matches.db")
     server = server_lib.make_server(server_lib.ReviewApp(catalog, store), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
     yield server_lib.server_url(server), catalog, store
     server.shutdown()
     server.server_close()
@@ -57,11 +71,14 @@ def _open(page, url):
 
 
 def _card_indices(page, selector=".card"):
-    return [int(x) for x in page.eval_on_selector_all(selector, "els => els.map(e => e.dataset.index)")]
+    return [
+        int(x) for x in page.eval_on_selector_all(selector, "els => els.map(e => e.dataset.index)")
+    ]
 
 
 def test_confirm_match_reload_and_see_it_kept(served, page, tmp_path):
     from playwright.sync_api import expect  # wait-for-text without eval (the page's CSP forbids it)
+
     url, catalog, store = served
     _open(page, url)
     assert page.text_content("#progress-text") == f"Reviewed 0 of {len(catalog)}"
@@ -69,7 +86,15 @@ def test_confirm_match_reload_and_see_it_kept(served, page, tmp_path):
     shown = _card_indices(page)
     assert len(shown) == 5
     assert [c for c, _ in cand_lib.top_candidates(catalog, store_lib.build_graph([]), 0)] == shown
-    assert page.eval_on_selector_all("img[data-crop]", "els => els.every(e => e.complete && e.naturalWidth > 0)")
+    # The cards are in the page before their images have loaded: wait (auto-retrying expect)
+    # until each has, then check that it decoded to a real picture.
+    crops = page.locator("img[data-crop]")
+    assert crops.count() >= len(shown)
+    for i in range(crops.count()):
+        expect(crops.nth(i)).to_have_js_property("complete", True)
+    assert page.eval_on_selector_all(
+        "img[data-crop]", "els => els.every(e => e.complete && e.naturalWidth > 0)"
+    )
 
     # Crop/edge toggle and zoom.
     page.keyboard.press("e")
@@ -109,3 +134,42 @@ def test_confirm_match_reload_and_see_it_kept(served, page, tmp_path):
     expect(page.locator("#anchor-title")).to_have_text("#0")
     assert page.text_content("#progress-text") == f"Reviewed 0 of {len(catalog)}"
     assert page.errors == []
+
+
+def test_calibrated_probability_and_the_verified_correspondences_are_shown(tmp_path, page):
+    """With a pair scorer the cards show P(same) and a picture of the verified spot matches."""
+    import cv2
+    from playwright.sync_api import expect
+
+    from leopard_jax.local import features, pairs
+
+    catalog = cand_lib.load_catalog(
+        synthetic.write_synthetic(tmp_path / "data", individuals=3, per_individual=2)
+    )
+    keypoints = [features.extract(cv2.imread(c)[..., ::-1]) for c in catalog.crops]
+    calibrator = {  # a hand-made one: P rises with cosine and inliers
+        "weights": {"deep": [4.0, -2.0], "local": [2.0, -5.0], "fused": [1.0, 1.0, 0.0]},
+    }
+    scorer = pairs.PairScorer(keypoints.__getitem__, catalog.embeddings, calibrator)
+    store = store_lib.Store(tmp_path / "matches.db")
+    server = server_lib.make_server(
+        server_lib.ReviewApp(catalog, store, scorer=scorer), "127.0.0.1", 0
+    )
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
+    try:
+        _open(page, server_lib.server_url(server))
+        shown = _card_indices(page)
+        first = page.locator(".card").first
+        want = scorer.score(0, shown[0])[0]
+        expect(first.locator(".score")).to_have_text(f"P(same) {want:.2f}")
+        pair = first.locator("img.pair")
+        expect(pair).to_have_js_property("complete", True)
+        assert pair.evaluate("e => e.naturalWidth") > 0
+        assert pair.get_attribute("src") == f"/pair/0/{shown[0]}"
+        assert scorer.score(0, shown[0])[1].inliers >= 4  # its own individual: real matches
+        assert page.errors == []
+    finally:
+        server.shutdown()
+        server.server_close()

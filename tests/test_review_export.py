@@ -1,4 +1,4 @@
-"""Export: one folder per connected component, files copied intact, CSV a partition of the images."""
+"""Export: one folder per connected component, files copied intact, CSV a partition of images."""
 
 import csv
 import pathlib
@@ -15,7 +15,8 @@ from leopard_jax.review import synthetic
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
     return cand_lib.load_catalog(
-        synthetic.write_synthetic(tmp_path_factory.mktemp("ex"), individuals=3, per_individual=3))
+        synthetic.write_synthetic(tmp_path_factory.mktemp("ex"), individuals=3, per_individual=3)
+    )
 
 
 @pytest.fixture
@@ -62,9 +63,17 @@ def test_without_singletons_and_with_crops(store, catalog, tmp_path):
     out = tmp_path / "export"
     summary = export_lib.export_individuals(store, out, image="crop", singletons=False)
     rows = _read_csv(out)
-    assert summary.individuals == 2 and sorted(catalog.index[r["key"]] for r in rows) == [0, 1, 2, 3, 4]
+    assert summary.individuals == 2 and sorted(catalog.index[r["key"]] for r in rows) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     for row in rows:
-        assert (out / row["file"]).read_bytes() == pathlib.Path(catalog.crops[catalog.index[row["key"]]]).read_bytes()
+        assert (out / row["file"]).read_bytes() == pathlib.Path(
+            catalog.crops[catalog.index[row["key"]]]
+        ).read_bytes()
 
 
 def test_conflicts_are_written_beside_the_csv(store, catalog, tmp_path):
@@ -99,10 +108,61 @@ def test_cli_export_with_and_without_embeddings(store, catalog, tmp_path, capsys
     npz = pathlib.Path(catalog.crops[0]).parents[1] / "embeddings.npz"
     fresh = store_lib.Store(tmp_path / "fresh.db")  # knows no images: needs --embeddings
     fresh.decide("match", catalog.keys[6], catalog.keys[7])
-    assert cli.main(["export", "--store", str(fresh.path), "--out", str(tmp_path / "a"),
-                     "--embeddings", str(npz), "--no-singletons"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--store",
+                str(fresh.path),
+                "--out",
+                str(tmp_path / "a"),
+                "--embeddings",
+                str(npz),
+                "--no-singletons",
+            ]
+        )
+        == 0
+    )
     assert sorted(r["key"] for r in _read_csv(tmp_path / "a")) == [catalog.keys[6], catalog.keys[7]]
     assert cli.main(["export", "--store", str(store.path), "--out", str(tmp_path / "b")]) == 0
     assert "6 individuals, 9 images" in capsys.readouterr().out
     assert cli.main(["export", "--store", str(fresh.path), "--out", str(tmp_path / "c")]) == 2
     assert "pass --embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, names",
+    [
+        (
+            [],
+            ("embeddings", "store", "host", "port", "candidates", "verbose"),
+        ),  # serve, the default
+        (["export"], ("store", "out", "embeddings", "image", "no-singletons")),
+        (["synthetic"], ("out", "individuals", "per-individual")),
+    ],
+)
+def test_cli_help_lists_every_flag_of_each_command(capsys, command, names):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(
+        f"--{name}:" in text or f"--[no]{name}:" in text for name in names
+    )  # [no]: a boolean
+
+
+def test_cli_synthetic_writes_a_readable_file(tmp_path, capsys):
+    assert (
+        cli.main(
+            ["synthetic", "--out", str(tmp_path), "--individuals", "2", "--per-individual", "2"]
+        )
+        == 0
+    )
+    assert len(cand_lib.load_catalog(capsys.readouterr().out.strip())) == 4
+    assert (
+        cli.main(
+            ["export", "--store", str(tmp_path / "m.db"), "--out", str(tmp_path / "x"), "stray"]
+        )
+        == 2
+    )
+    assert "unexpected arguments ['stray']" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The review server's JSON API over HTTP: every action, bad requests, traversal, concurrency, kill -9."""
+"""The review server's JSON API over HTTP: every action, bad requests, traversal, concurrency,
+kill -9."""
 
 import concurrent.futures
 import http.client
@@ -36,7 +37,9 @@ def served(catalog, tmp_path):
     """A fresh store and an in-process server on a free loopback port."""
     store = store_lib.Store(tmp_path / "matches.db")
     server = server_lib.make_server(server_lib.ReviewApp(catalog, store), "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     yield server.server_address[1], store
     server.shutdown()
@@ -80,7 +83,9 @@ def test_anchor_view_lists_five_most_similar_first(served, catalog):
     scores = catalog.embeddings @ catalog.embeddings[4]
     expected = [r for r in np.argsort(-scores, kind="stable") if r != 4][:5]
     assert [c["index"] for c in view["candidates"]] == expected
-    np.testing.assert_allclose([c["score"] for c in view["candidates"]], scores[expected], rtol=1e-6)
+    np.testing.assert_allclose(
+        [c["score"] for c in view["candidates"]], scores[expected], rtol=1e-6
+    )
     assert view["anchor"]["key"] == catalog.keys[4] and view["same_individual"] == []
 
 
@@ -114,20 +119,29 @@ def test_next_anchor_marks_reviewed_and_counts_progress(served, catalog):
     assert ok(port, "GET", "/api/anchor/1")["reviewed"] is True
     for row in range(len(catalog)):
         result = ok(port, "POST", "/api/next", {"anchor": row})
-    assert result["next"] is None and result["progress"] == {"reviewed": len(catalog), "total": len(catalog)}
+    assert result["next"] is None and result["progress"] == {
+        "reviewed": len(catalog),
+        "total": len(catalog),
+    }
     assert ok(port, "GET", "/api/state")["current"] is None
 
 
 def test_undo_latest_and_by_id(served):
     port, store = served
-    a = ok(port, "POST", "/api/decide", {"anchor": 0, "candidate": 1, "decision": "match"})["decision"]
-    b = ok(port, "POST", "/api/decide", {"anchor": 0, "candidate": 2, "decision": "no_match"})["decision"]
+    a = ok(port, "POST", "/api/decide", {"anchor": 0, "candidate": 1, "decision": "match"})[
+        "decision"
+    ]
+    b = ok(port, "POST", "/api/decide", {"anchor": 0, "candidate": 2, "decision": "no_match"})[
+        "decision"
+    ]
     assert ok(port, "POST", "/api/undo", {"id": a["id"]})["undone"]["id"] == a["id"]
     assert [d.id for d in store.decisions()] == [b["id"]]
     status, payload = request(port, "POST", "/api/undo", {"id": a["id"]})
     assert status == 409 and "already undone" in payload["error"]
     undone = ok(port, "POST", "/api/undo", {})["undone"]
-    assert undone["id"] == b["id"] and undone["anchor_index"] == 0 and undone["candidate_index"] == 2
+    assert (
+        undone["id"] == b["id"] and undone["anchor_index"] == 0 and undone["candidate_index"] == 2
+    )
     status, payload = request(port, "POST", "/api/undo", {})
     assert status == 409 and "nothing to undo" in payload["error"]
 
@@ -141,52 +155,172 @@ def test_images_are_served_by_index(served, catalog):
 
 def test_static_page_is_served(served):
     port, _ = served
-    for path, needle in (("/", b"Leopard match review"), ("/static/app.js", b"/api/decide"),
-                         ("/static/style.css", b".card")):
+    for path, needle in (
+        ("/", b"Leopard match review"),
+        ("/static/app.js", b"/api/decide"),
+        ("/static/style.css", b".card"),
+    ):
         status, data = request(port, "GET", path)
         assert status == 200 and needle in data
 
 
-@pytest.mark.parametrize("method, path, body, raw, headers, status, message", [
-    ("POST", "/api/decide", None, b"{not json", {"Content-Type": "application/json"}, 400, "JSON object"),
-    ("POST", "/api/decide", [1, 2], None, None, 400, "JSON object"),
-    ("POST", "/api/decide", {"anchor": 0, "candidate": 1}, None, None, 400, "'decision' must be"),
-    ("POST", "/api/decide", {"anchor": 0, "candidate": 1, "decision": "yes"}, None, None, 400, "'decision' must be"),
-    ("POST", "/api/decide", {"anchor": 0, "decision": "match"}, None, None, 400, "'candidate' must be"),
-    ("POST", "/api/decide", {"anchor": "0", "candidate": 1, "decision": "match"}, None, None, 400, "integer"),
-    ("POST", "/api/decide", {"anchor": True, "candidate": 1, "decision": "match"}, None, None, 400, "integer"),
-    ("POST", "/api/decide", {"anchor": 0, "candidate": 99, "decision": "match"}, None, None, 400, "out of range"),
-    ("POST", "/api/decide", {"anchor": -1, "candidate": 1, "decision": "match"}, None, None, 400, "out of range"),
-    ("POST", "/api/decide", {"anchor": 3, "candidate": 3, "decision": "match"}, None, None, 400, "same image"),
-    ("POST", "/api/next", {}, None, None, 400, "'anchor' must be"),
-    ("POST", "/api/undo", {"id": "x"}, None, None, 400, "'id' must be"),
-    ("POST", "/api/undo", {"id": 12345}, None, None, 409, "no decision with id"),
-    ("POST", "/api/decide", None, b"anchor=0&candidate=1&decision=match",
-     {"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
-    ("POST", "/api/decide", None, b"x" * (server_lib.MAX_BODY + 1), {"Content-Type": "application/json"}, 413, "over"),
-    ("GET", "/api/decide", None, None, None, 405, "takes POST"),
-    ("DELETE", "/api/state", None, None, None, 405, "not supported"),
-    ("OPTIONS", "/api/decide", None, None, {"Origin": "http://evil.example"}, 405, "not supported"),
-    ("POST", "/api/state", {}, None, None, 404, "no POST action"),
-    ("GET", "/api/anchor/99", None, None, None, 400, "out of range"),
-    ("GET", "/api/anchor/x", None, None, None, 404, "no such page"),
-    ("GET", "/image/0/thumbnail", None, None, None, 404, "unknown image kind"),
-    ("GET", "/api/state", None, None, {"Host": "evil.example:80"}, 403, "loopback"),
-])
-def test_bad_requests_get_4xx_with_a_message(served, method, path, body, raw, headers, status, message):
+@pytest.mark.parametrize(
+    "method, path, body, raw, headers, status, message",
+    [
+        (
+            "POST",
+            "/api/decide",
+            None,
+            b"{not json",
+            {"Content-Type": "application/json"},
+            400,
+            "JSON object",
+        ),
+        ("POST", "/api/decide", [1, 2], None, None, 400, "JSON object"),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": 0, "candidate": 1},
+            None,
+            None,
+            400,
+            "'decision' must be",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": 0, "candidate": 1, "decision": "yes"},
+            None,
+            None,
+            400,
+            "'decision' must be",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": 0, "decision": "match"},
+            None,
+            None,
+            400,
+            "'candidate' must be",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": "0", "candidate": 1, "decision": "match"},
+            None,
+            None,
+            400,
+            "integer",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": True, "candidate": 1, "decision": "match"},
+            None,
+            None,
+            400,
+            "integer",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": 0, "candidate": 99, "decision": "match"},
+            None,
+            None,
+            400,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": -1, "candidate": 1, "decision": "match"},
+            None,
+            None,
+            400,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            {"anchor": 3, "candidate": 3, "decision": "match"},
+            None,
+            None,
+            400,
+            "same image",
+        ),
+        ("POST", "/api/next", {}, None, None, 400, "'anchor' must be"),
+        ("POST", "/api/undo", {"id": "x"}, None, None, 400, "'id' must be"),
+        ("POST", "/api/undo", {"id": 12345}, None, None, 409, "no decision with id"),
+        (
+            "POST",
+            "/api/decide",
+            None,
+            b"anchor=0&candidate=1&decision=match",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            415,
+            "application/json",
+        ),
+        (
+            "POST",
+            "/api/decide",
+            None,
+            b"x" * (server_lib.MAX_BODY + 1),
+            {"Content-Type": "application/json"},
+            413,
+            "over",
+        ),
+        ("GET", "/api/decide", None, None, None, 405, "takes POST"),
+        ("DELETE", "/api/state", None, None, None, 405, "not supported"),
+        (
+            "OPTIONS",
+            "/api/decide",
+            None,
+            None,
+            {"Origin": "http://evil.example"},
+            405,
+            "not supported",
+        ),
+        ("POST", "/api/state", {}, None, None, 404, "no POST action"),
+        ("GET", "/api/anchor/99", None, None, None, 400, "out of range"),
+        ("GET", "/api/anchor/x", None, None, None, 404, "no such page"),
+        ("GET", "/image/0/thumbnail", None, None, None, 404, "unknown image kind"),
+        ("GET", "/api/state", None, None, {"Host": "evil.example:80"}, 403, "loopback"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(
+    served, method, path, body, raw, headers, status, message
+):
     port, store = served
     got, payload = request(port, method, path, body, headers, raw)
     assert got == status and message in payload["error"]
     assert store.decisions() == []
 
 
-@pytest.mark.parametrize("path", [
-    "/image/../../etc/passwd", "/image/0/../../../../etc/passwd", "/static/../store.py",
-    "/static/..%2fstore.py", "/static/%2e%2e/server.py", "/../leopard_jax/review/store.py",
-    "/image/%2e%2e/crop", "/image/0/crop/../../../etc/passwd", "/image/0/..%2F..%2Fetc%2Fpasswd",
-    "//etc/passwd", "/etc/passwd", "/image/-1/crop", "/image/999/crop", "/image/1e3/crop",
-    "/static/index.html/..", "/image/0/%63rop", "/static/app.js%00.png", "/store.py", "/matches.db",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/image/../../etc/passwd",
+        "/image/0/../../../../etc/passwd",
+        "/static/../store.py",
+        "/static/..%2fstore.py",
+        "/static/%2e%2e/server.py",
+        "/../leopard_jax/review/store.py",
+        "/image/%2e%2e/crop",
+        "/image/0/crop/../../../etc/passwd",
+        "/image/0/..%2F..%2Fetc%2Fpasswd",
+        "//etc/passwd",
+        "/etc/passwd",
+        "/image/-1/crop",
+        "/image/999/crop",
+        "/image/1e3/crop",
+        "/static/index.html/..",
+        "/image/0/%63rop",
+        "/static/app.js%00.png",
+        "/store.py",
+        "/matches.db",
+    ],
+)
 def test_path_traversal_is_refused(served, path):
     port, _ = served
     status, payload = request(port, "GET", path)
@@ -198,7 +332,10 @@ def test_two_tabs_deciding_at_once_lose_nothing(served, catalog):
     port, store = served
     n = len(catalog)
     pairs = [(a, b) for a in range(n) for b in range(a + 1, n)][:30]
-    jobs = [{"anchor": a, "candidate": b, "decision": "match" if (a + b) % 2 else "no_match"} for a, b in pairs]
+    jobs = [
+        {"anchor": a, "candidate": b, "decision": "match" if (a + b) % 2 else "no_match"}
+        for a, b in pairs
+    ]
     jobs += [{"anchor": a} for a in range(n)]  # "next anchor" from the other tab at the same time
 
     def send(body):
@@ -222,10 +359,27 @@ def test_two_tabs_deciding_at_once_lose_nothing(served, catalog):
 
 def _start_cli(npz, db):
     process = subprocess.Popen(
-        [sys.executable, "-m", "leopard_jax.review", "--embeddings", str(npz), "--store", str(db), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "leopard_jax.review",
+            "--embeddings",
+            str(npz),
+            "--store",
+            str(db),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     line = process.stdout.readline()
-    assert "http://127.0.0.1:" in line, (line, process.stderr.read() if process.poll() is not None else "")
+    assert "http://127.0.0.1:" in line, (
+        line,
+        process.stderr.read() if process.poll() is not None else "",
+    )
     return process, int(line.rsplit(":", 1)[1].strip(" /\n"))
 
 
@@ -254,7 +408,19 @@ def test_decision_survives_kill_9(npz, tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "leopard_jax.review", "--embeddings", str(tmp_path / "none.npz"),
-         "--store", str(tmp_path / "m.db")], capture_output=True, text=True, cwd=REPO, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "leopard_jax.review",
+            "--embeddings",
+            str(tmp_path / "none.npz"),
+            "--store",
+            str(tmp_path / "m.db"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "none.npz does not exist" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "none.npz: not found" in result.stderr

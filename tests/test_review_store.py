@@ -46,12 +46,15 @@ def test_undo_latest_by_default_and_refuses_twice(store):
     assert all(d.undone for d in store.decisions(active_only=False))
 
 
-@pytest.mark.parametrize("args, message", [
-    (("maybe", "a", "b"), "unknown decision"),
-    (("match", "a", None), "needs a candidate"),
-    (("reviewed", "a", "b"), "takes no candidate"),
-    (("match", "a", "a"), "with itself"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("maybe", "a", "b"), "unknown decision"),
+        (("match", "a", None), "needs a candidate"),
+        (("reviewed", "a", "b"), "takes no candidate"),
+        (("match", "a", "a"), "with itself"),
+    ],
+)
 def test_decide_rejects_bad_decisions(store, args, message):
     with pytest.raises(store_lib.StoreError, match=message):
         store.decide(*args)
@@ -117,8 +120,12 @@ def test_conflicts_are_not_same_pairs_inside_one_individual(store):
 
 def test_image_catalogue_upserts(store):
     store.register_images([store_lib.ImageRow("k1", "/p1", "/c1", "id", "left", 0)])
-    store.register_images([store_lib.ImageRow("k1", "/p2", "/c2", "id", "right", 1),
-                           store_lib.ImageRow("k0", "/p0", "/c0", "", "", 0)])
+    store.register_images(
+        [
+            store_lib.ImageRow("k1", "/p2", "/c2", "id", "right", 1),
+            store_lib.ImageRow("k0", "/p0", "/c0", "", "", 0),
+        ]
+    )
     assert [(r.key, r.path) for r in store.images()] == [("k0", "/p0"), ("k1", "/p2")]
 
 

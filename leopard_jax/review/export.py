@@ -40,8 +40,9 @@ class ExportSummary:
     conflicts: tuple[tuple[str, str], ...]
 
 
-def group_individuals(rows: list[store_lib.ImageRow], graph: store_lib.MatchGraph,
-                      singletons: bool = True) -> list[list[store_lib.ImageRow]]:
+def group_individuals(
+    rows: list[store_lib.ImageRow], graph: store_lib.MatchGraph, singletons: bool = True
+) -> list[list[store_lib.ImageRow]]:
     """Rows grouped by component, groups ordered by their first row's position."""
     groups: dict[str, list[store_lib.ImageRow]] = collections.defaultdict(list)
     for row in sorted(rows, key=lambda r: (r.position, r.key)):
@@ -60,21 +61,31 @@ def _file_name(key: str, source: str, taken: set[str]) -> str:
     return name
 
 
-def export_individuals(store: store_lib.Store, out: str | pathlib.Path,
-                       rows: list[store_lib.ImageRow] | None = None, image: str = "photo",
-                       singletons: bool = True) -> ExportSummary:
+def export_individuals(
+    store: store_lib.Store,
+    out: str | pathlib.Path,
+    rows: list[store_lib.ImageRow] | None = None,
+    image: str = "photo",
+    singletons: bool = True,
+) -> ExportSummary:
     """Copies each individual's images (`photo` = source photo, `crop`) into OUT/<individual>/."""
     out = pathlib.Path(out)
     if image not in ("photo", "crop"):
         raise ExportError(f"image kind {image!r} unknown; use 'photo' or 'crop'")
     rows = store.images() if rows is None else rows
     if not rows:
-        raise ExportError(f"store {store.path} lists no images (the page was never opened on it); "
-                          "pass --embeddings embeddings.npz")
+        raise ExportError(
+            f"store {store.path} lists no images (the page was never opened on it); "
+            "pass --embeddings embeddings.npz"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"export folder {out} already exists and is not empty; choose a new --out or remove it")
+        raise ExportError(
+            f"export folder {out} already exists and is not empty; choose a new --out or remove it"
+        )
     if not out.parent.is_dir():
-        raise ExportError(f"export folder {out}: parent {out.parent} does not exist; create it first")
+        raise ExportError(
+            f"export folder {out}: parent {out.parent} does not exist; create it first"
+        )
     graph = store_lib.build_graph(store.decisions())
     groups = group_individuals(rows, graph, singletons)
     partial = out.with_name(f".{out.name}.partial")
@@ -99,11 +110,17 @@ def export_individuals(store: store_lib.Store, out: str | pathlib.Path,
                 except OSError:
                     missing.append(row.key)
                     file_name = ""
-                writer.writerow({
-                    "path": row.path, "identity": name, "flank": row.flank, "key": row.key,
-                    "file": f"{name}/{file_name}" if file_name else "", "label": row.identity,
-                    "reviewed": int(row.key in graph.reviewed),
-                })
+                writer.writerow(
+                    {
+                        "path": row.path,
+                        "identity": name,
+                        "flank": row.flank,
+                        "key": row.key,
+                        "file": f"{name}/{file_name}" if file_name else "",
+                        "label": row.identity,
+                        "reviewed": int(row.key in graph.reviewed),
+                    }
+                )
     found = store_lib.conflicts(graph)
     if found:
         with open(partial / CONFLICTS_NAME, "w", newline="") as f:
@@ -114,9 +131,17 @@ def export_individuals(store: store_lib.Store, out: str | pathlib.Path,
         out.rmdir()
     partial.rename(out)
     if missing:
-        print(f"export: {len(missing)} image file(s) could not be read and were listed without a file "
-              f"(first: {missing[0]})", file=sys.stderr)
+        print(
+            f"export: {len(missing)} image file(s) could not be read and were listed without "
+            f"a file (first: {missing[0]})",
+            file=sys.stderr,
+        )
     if found:
-        print(f"export: {len(found)} 'not the same' decision(s) contradict the links; see {out / CONFLICTS_NAME}",
-              file=sys.stderr)
-    return ExportSummary(out, len(groups), sum(len(g) for g in groups), copied, tuple(missing), tuple(found))
+        print(
+            f"export: {len(found)} 'not the same' decision(s) contradict the links; "
+            f"see {out / CONFLICTS_NAME}",
+            file=sys.stderr,
+        )
+    return ExportSummary(
+        out, len(groups), sum(len(g) for g in groups), copied, tuple(missing), tuple(found)
+    )

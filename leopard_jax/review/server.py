@@ -34,6 +34,7 @@ MAX_BODY = 16 * 1024
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 _IMAGE_ROUTE = re.compile(r"^/image/(\d{1,9})/([a-z]+)$")
 _ANCHOR_ROUTE = re.compile(r"^/api/anchor/(\d{1,9})$")
+_PAIR_ROUTE = re.compile(r"^/pair/(\d{1,9})/(\d{1,9})$")
 
 
 class HttpError(Exception):
@@ -58,10 +59,13 @@ def _json(payload, status: int = 200) -> Response:
 class ReviewApp:
     """Maps requests to answers; holds no state beyond the catalog and the store file."""
 
-    def __init__(self, catalog: cand_lib.Catalog, store: store_lib.Store, k: int = 5):
+    def __init__(self, catalog: cand_lib.Catalog, store: store_lib.Store, k: int = 5, scorer=None):
+        """scorer: a `local.pairs.PairScorer`; with one, candidates show the fused
+        P(same individual) and their verified correspondences instead of the cosine."""
         self.catalog = catalog
         self.store = store
         self.k = k
+        self.scorer = scorer
 
     # -- helpers --------------------------------------------------------------------------
     def _graph(self) -> store_lib.MatchGraph:
@@ -71,16 +75,31 @@ class ReviewApp:
         if isinstance(value, bool) or not isinstance(value, int):
             raise HttpError(400, f"'{field}' must be an image index (integer), got {value!r}")
         if not 0 <= value < len(self.catalog):
-            raise HttpError(400, f"'{field}' {value} is out of range; images are 0..{len(self.catalog) - 1}")
+            raise HttpError(
+                400, f"'{field}' {value} is out of range; images are 0..{len(self.catalog) - 1}"
+            )
         return value
 
-    def _image(self, row: int, score: float | None = None) -> dict:
+    def _image(self, row: int, score: float | None = None, anchor: int | None = None) -> dict:
         c = self.catalog
-        return {
-            "index": row, "key": c.keys[row], "identity": c.identities[row], "flank": c.flanks[row],
-            "score": score, "crop_url": f"/image/{row}/crop",
+        out = {
+            "index": row,
+            "key": c.keys[row],
+            "identity": c.identities[row],
+            "flank": c.flanks[row],
+            "score": score,
+            "probability": None,
+            "crop_url": f"/image/{row}/crop",
             "edge_url": f"/image/{row}/edge" if c.edges[row] else None,
         }
+        if self.scorer is not None and anchor is not None:
+            probability, found = self.scorer.score(anchor, row)
+            out |= {
+                "probability": probability,
+                "inliers": found.inliers,
+                "pair_url": f"/pair/{anchor}/{row}",
+            }
+        return out
 
     def _progress(self, graph: store_lib.MatchGraph) -> dict:
         reviewed = sum(key in graph.reviewed for key in self.catalog.keys)
@@ -101,17 +120,24 @@ class ReviewApp:
         return {
             "progress": self._progress(graph),
             "current": cand_lib.next_unreviewed(self.catalog, graph),
-            "links": len(graph.links), "not_same": len(graph.not_same),
+            "links": len(graph.links),
+            "not_same": len(graph.not_same),
             "conflicts": [list(p) for p in store_lib.conflicts(graph)],
-            "k": self.k, "meta": self.catalog.meta,
+            "k": self.k,
+            "meta": self.catalog.meta,
         }
 
     def anchor_view(self, row: int) -> dict:
         graph = self._graph()
         return {
             "anchor": self._image(row),
-            "candidates": [self._image(r, s) for r, s in cand_lib.top_candidates(self.catalog, graph, row, self.k)],
-            "same_individual": [self._image(r, s) for r, s in cand_lib.same_individual(self.catalog, graph, row)],
+            "candidates": [
+                self._image(r, s, anchor=row)
+                for r, s in cand_lib.top_candidates(self.catalog, graph, row, self.k)
+            ],
+            "same_individual": [
+                self._image(r, s) for r, s in cand_lib.same_individual(self.catalog, graph, row)
+            ],
             "reviewed": self.catalog.keys[row] in graph.reviewed,
             "progress": self._progress(graph),
         }
@@ -120,24 +146,38 @@ class ReviewApp:
         kind = body.get("decision")
         if kind not in (store_lib.MATCH, store_lib.NO_MATCH):
             raise HttpError(400, f"'decision' must be 'match' or 'no_match', got {kind!r}")
-        anchor, candidate = self._row(body.get("anchor"), "anchor"), self._row(body.get("candidate"), "candidate")
+        anchor, candidate = (
+            self._row(body.get("anchor"), "anchor"),
+            self._row(body.get("candidate"), "candidate"),
+        )
         if anchor == candidate:
             raise HttpError(400, f"anchor and candidate are the same image ({anchor})")
-        d = self.store.decide(kind, self.catalog.keys[anchor], self.catalog.keys[candidate],
-                              self._score(anchor, candidate))
+        d = self.store.decide(
+            kind,
+            self.catalog.keys[anchor],
+            self.catalog.keys[candidate],
+            self._score(anchor, candidate),
+        )
         return {"decision": self._decision(d), "progress": self._progress(self._graph())}
 
     def next_anchor(self, body: dict) -> dict:
         anchor = self._row(body.get("anchor"), "anchor")
         d = self.store.decide(store_lib.REVIEWED, self.catalog.keys[anchor])
         graph = self._graph()
-        return {"decision": self._decision(d), "next": cand_lib.next_unreviewed(self.catalog, graph, anchor),
-                "progress": self._progress(graph)}
+        return {
+            "decision": self._decision(d),
+            "next": cand_lib.next_unreviewed(self.catalog, graph, anchor),
+            "progress": self._progress(graph),
+        }
 
     def undo(self, body: dict) -> dict:
         decision_id = body.get("id")
-        if decision_id is not None and (isinstance(decision_id, bool) or not isinstance(decision_id, int)):
-            raise HttpError(400, f"'id' must be a decision id (integer) or absent, got {decision_id!r}")
+        if decision_id is not None and (
+            isinstance(decision_id, bool) or not isinstance(decision_id, int)
+        ):
+            raise HttpError(
+                400, f"'id' must be a decision id (integer) or absent, got {decision_id!r}"
+            )
         try:
             d = self.store.undo(decision_id)
         except store_lib.StoreError as e:
@@ -146,11 +186,15 @@ class ReviewApp:
 
     def image(self, row: int, kind: str) -> Response:
         if kind not in IMAGE_KINDS:
-            raise HttpError(404, f"unknown image kind {kind!r}; use one of {', '.join(IMAGE_KINDS)}")
+            raise HttpError(
+                404, f"unknown image kind {kind!r}; use one of {', '.join(IMAGE_KINDS)}"
+            )
         if not 0 <= row < len(self.catalog):
             raise HttpError(404, f"no image {row}; images are 0..{len(self.catalog) - 1}")
         c = self.catalog
-        path = {"crop": c.crops[row] or c.paths[row], "edge": c.edges[row], "photo": c.paths[row]}[kind]
+        path = {"crop": c.crops[row] or c.paths[row], "edge": c.edges[row], "photo": c.paths[row]}[
+            kind
+        ]
         if not path:
             raise HttpError(404, f"image {row} has no {kind} file in the embeddings file")
         try:
@@ -159,6 +203,23 @@ class ReviewApp:
             raise HttpError(404, f"the {kind} file of image {row} cannot be read: {path}") from None
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return Response(200, data, ctype, cache="private, max-age=300")
+
+    def pair(self, a: int, b: int) -> Response:
+        """PNG: the two crops side by side, the verified correspondences drawn between."""
+        import cv2
+
+        from leopard_jax.local import pairs
+
+        if self.scorer is None:
+            raise HttpError(404, "no local features: start the review with a feature store")
+        for row in (a, b):
+            if not 0 <= row < len(self.catalog):
+                raise HttpError(404, f"no image {row}; images are 0..{len(self.catalog) - 1}")
+        crops = [cv2.imread(self.catalog.crops[r] or self.catalog.paths[r]) for r in (a, b)]
+        if any(c is None for c in crops):
+            raise HttpError(404, f"the crop of image {a} or {b} cannot be read")
+        ok, png = cv2.imencode(".png", pairs.draw(*crops, self.scorer.score(a, b)[1]))
+        return Response(200, png.tobytes(), "image/png", cache="private, max-age=300")
 
     # -- dispatch -------------------------------------------------------------------------
     def handle(self, method: str, raw_path: str, body: bytes | None) -> Response:
@@ -181,13 +242,21 @@ class ReviewApp:
                 return _json(self.anchor_view(self._row(int(m.group(1)), "anchor")))
             if m := _IMAGE_ROUTE.match(path):
                 return self.image(int(m.group(1)), m.group(2))
+            if m := _PAIR_ROUTE.match(path):
+                return self.pair(int(m.group(1)), int(m.group(2)))
             if path in ("/api/decide", "/api/next", "/api/undo"):
                 raise HttpError(405, f"{path} takes POST")
             raise HttpError(404, f"no such page: {path[:200]}")
         if method == "POST":
-            actions = {"/api/decide": self.decide, "/api/next": self.next_anchor, "/api/undo": self.undo}
+            actions = {
+                "/api/decide": self.decide,
+                "/api/next": self.next_anchor,
+                "/api/undo": self.undo,
+            }
             if path not in actions:
-                raise HttpError(404 if path not in STATIC_FILES else 405, f"no POST action at {path[:200]}")
+                raise HttpError(
+                    404 if path not in STATIC_FILES else 405, f"no POST action at {path[:200]}"
+                )
             return _json(actions[path](_parse_json(body)))
         raise HttpError(405, f"method {method} is not supported")
 
@@ -227,7 +296,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(response.body)))
         self.send_header("Cache-Control", response.cache)
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self'; frame-ancestors 'none'")
+        self.send_header(
+            "Content-Security-Policy", "default-src 'self'; img-src 'self'; frame-ancestors 'none'"
+        )
         self.end_headers()
         self.wfile.write(response.body)
 
@@ -236,7 +307,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             host = (self.headers.get("Host") or "").lower()
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name not in LOOPBACK_NAMES:
-                return _json({"error": f"Host {host!r} refused: this server answers only on loopback"}, 403)
+                return _json(
+                    {"error": f"Host {host!r} refused: this server answers only on loopback"}, 403
+                )
         return None
 
     def do_GET(self):
@@ -247,7 +320,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(refusal)
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
-            return self._send(_json({"error": "POST bodies must be sent as Content-Type: application/json"}, 415))
+            return self._send(
+                _json({"error": "POST bodies must be sent as Content-Type: application/json"}, 415)
+            )
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -263,10 +338,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # OPTIONS: no CORS, ever
 
 
-def make_server(app: ReviewApp, host: str = "127.0.0.1", port: int = 0,
-                quiet: bool = True) -> http.server.ThreadingHTTPServer:
+def make_server(
+    app: ReviewApp, host: str = "127.0.0.1", port: int = 0, quiet: bool = True
+) -> http.server.ThreadingHTTPServer:
     """A threaded server (one thread per request: tabs never wait on each other's reads)."""
-    handler = type("ReviewHandler", (_Handler,), {"app": app, "check_host": is_loopback(host), "quiet": quiet})
+    handler = type(
+        "ReviewHandler", (_Handler,), {"app": app, "check_host": is_loopback(host), "quiet": quiet}
+    )
     server_cls = http.server.ThreadingHTTPServer
     if ":" in host:
         server_cls = type("ReviewServer6", (server_cls,), {"address_family": socket.AF_INET6})

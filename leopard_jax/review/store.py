@@ -21,7 +21,7 @@ import dataclasses
 import datetime
 import pathlib
 import sqlite3
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 MATCH = "match"
 NO_MATCH = "no_match"
@@ -69,6 +69,7 @@ class Decision:
 @dataclasses.dataclass(frozen=True)
 class ImageRow:
     """What export needs to know about an image without the embeddings file."""
+
     key: str
     path: str
     crop: str
@@ -78,7 +79,7 @@ class ImageRow:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 class Store:
@@ -87,14 +88,20 @@ class Store:
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
         if self.path.is_dir():
-            raise StoreError(f"store {self.path} is a directory; pass a file such as {self.path / 'matches.db'}")
+            raise StoreError(
+                f"store {self.path} is a directory; pass a file such as {self.path / 'matches.db'}"
+            )
         if not self.path.parent.is_dir():
-            raise StoreError(f"store {self.path}: folder {self.path.parent} does not exist; create it first")
+            raise StoreError(
+                f"store {self.path}: folder {self.path.parent} does not exist; create it first"
+            )
         try:
             with self._connect() as conn:
                 conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"store {self.path} is not a readable match store ({e}); pass another --store path") from e
+            raise StoreError(
+                f"store {self.path} is not a readable match store ({e}); pass another --store path"
+            ) from e
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -122,24 +129,29 @@ class Store:
     def pragmas(self) -> dict[str, object]:
         with self._connect() as conn:
             return {
-                    "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
-                    "synchronous": conn.execute("PRAGMA synchronous").fetchone()[0],
+                "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+                "synchronous": conn.execute("PRAGMA synchronous").fetchone()[0],
             }
 
-    def decide(self, kind: str, anchor: str, candidate: str | None = None,
-                          score: float | None = None) -> Decision:
+    def decide(
+        self, kind: str, anchor: str, candidate: str | None = None, score: float | None = None
+    ) -> Decision:
         """Appends one decision and returns it once it is committed to disk."""
         if kind not in KINDS:
             raise StoreError(f"unknown decision {kind!r}; use one of {', '.join(KINDS)}")
         if (kind == REVIEWED) != (candidate is None):
-            raise StoreError(f"decision {kind!r} {'takes no' if kind == REVIEWED else 'needs a'} candidate")
+            raise StoreError(
+                f"decision {kind!r} {'takes no' if kind == REVIEWED else 'needs a'} candidate"
+            )
         if candidate is not None and candidate == anchor:
             raise StoreError(f"an image cannot be compared with itself ({anchor!r})")
         created = _now()
         with self._write() as conn:
             cur = conn.execute(
-                    "INSERT INTO decisions (kind, anchor, candidate, score, created) VALUES (?, ?, ?, ?, ?)",
-                    (kind, anchor, candidate, score, created))
+                "INSERT INTO decisions (kind, anchor, candidate, score, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (kind, anchor, candidate, score, created),
+            )
             decision_id = cur.lastrowid
         return Decision(decision_id, kind, anchor, candidate, score, created, None)
 
@@ -148,11 +160,14 @@ class Store:
         with self._write() as conn:
             if decision_id is None:
                 row = conn.execute(
-                        "SELECT * FROM decisions WHERE undone IS NULL ORDER BY id DESC LIMIT 1").fetchone()
+                    "SELECT * FROM decisions WHERE undone IS NULL ORDER BY id DESC LIMIT 1"
+                ).fetchone()
                 if row is None:
                     raise StoreError("nothing to undo: there is no active decision")
             else:
-                row = conn.execute("SELECT * FROM decisions WHERE id = ?", (decision_id,)).fetchone()
+                row = conn.execute(
+                    "SELECT * FROM decisions WHERE id = ?", (decision_id,)
+                ).fetchone()
                 if row is None:
                     raise StoreError(f"no decision with id {decision_id}")
                 if row[6] is not None:
@@ -162,7 +177,11 @@ class Store:
         return Decision(*row[:6], undone)
 
     def decisions(self, active_only: bool = True) -> list[Decision]:
-        query = "SELECT * FROM decisions" + (" WHERE undone IS NULL" if active_only else "") + " ORDER BY id"
+        query = (
+            "SELECT * FROM decisions"
+            + (" WHERE undone IS NULL" if active_only else "")
+            + " ORDER BY id"
+        )
         with self._connect() as conn:
             return [Decision(*row) for row in conn.execute(query)]
 
@@ -170,19 +189,26 @@ class Store:
         """Remembers where each key's images are, so export works from the store alone."""
         with self._write() as conn:
             conn.executemany(
-                    "INSERT INTO images (key, path, crop, identity, flank, position) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET path = excluded.path, crop = excluded.crop, "
-                    "identity = excluded.identity, flank = excluded.flank, position = excluded.position",
-                    [dataclasses.astuple(r) for r in rows])
+                "INSERT INTO images (key, path, crop, identity, flank, position) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET path = excluded.path, crop = excluded.crop, "
+                "identity = excluded.identity, flank = excluded.flank, "
+                "position = excluded.position",
+                [dataclasses.astuple(r) for r in rows],
+            )
 
     def images(self) -> list[ImageRow]:
         with self._connect() as conn:
-            return [ImageRow(*row) for row in conn.execute("SELECT * FROM images ORDER BY position, key")]
+            return [
+                ImageRow(*row)
+                for row in conn.execute("SELECT * FROM images ORDER BY position, key")
+            ]
 
 
 @dataclasses.dataclass(frozen=True)
 class MatchGraph:
     """The graph the decisions imply. Keys absent from `root` are alone in their component."""
+
     links: frozenset[tuple[str, str]]
     not_same: frozenset[tuple[str, str]]
     reviewed: frozenset[str]
@@ -232,5 +258,5 @@ def build_graph(decisions: Iterable[Decision]) -> MatchGraph:
 
 
 def conflicts(graph: MatchGraph) -> list[tuple[str, str]]:
-    """"Not the same" pairs that the links nevertheless put in one individual."""
+    """ "Not the same" pairs that the links nevertheless put in one individual."""
     return sorted(p for p in graph.not_same if graph.component(p[0]) == graph.component(p[1]))

@@ -7,16 +7,19 @@ most similar candidates of an image are mostly its own individual — as with a 
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import cv2
 import numpy as np
 
+from leopard_jax import embeddings_io
+
 
 def _coat(rng: np.random.Generator, height: int, width: int) -> list[tuple[int, int, int]]:
-    return [(int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(3, 8)))
-            for _ in range(40)]
+    return [
+        (int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(3, 8)))
+        for _ in range(40)
+    ]
 
 
 def _render(spots, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -27,15 +30,22 @@ def _render(spots, rng: np.random.Generator, height: int, width: int) -> np.ndar
     return cv2.GaussianBlur(image, (3, 3), 0)
 
 
-def write_synthetic(out_dir: str | pathlib.Path, individuals: int = 4, per_individual: int = 3,
-                    dims: int = 16, noise: float = 0.35, seed: int = 0,
-                    height: int = 64, width: int = 128) -> pathlib.Path:
+def write_synthetic(
+    out_dir: str | pathlib.Path,
+    individuals: int = 4,
+    per_individual: int = 3,
+    dims: int = 16,
+    noise: float = 0.35,
+    seed: int = 0,
+    height: int = 64,
+    width: int = 128,
+) -> pathlib.Path:
     """Writes OUT/embeddings.npz plus OUT/{photos,crops,edges}/*.jpg; returns the npz path."""
     out = pathlib.Path(out_dir)
     for sub in ("photos", "crops", "edges"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = {name: [] for name in ("keys", "paths", "identities", "flanks", "crops", "edges")}
+    rows = {name: [] for name in embeddings_io.STRING_FIELDS}
     embeddings = []
     for ind in range(individuals):
         centre = rng.normal(size=dims)
@@ -44,7 +54,9 @@ def write_synthetic(out_dir: str | pathlib.Path, individuals: int = 4, per_indiv
             key = f"ind{ind:02d}_img{j}"
             crop = _render(spots, rng, height, width)
             edge = cv2.Canny(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), 55, 160)
-            photo = cv2.copyMakeBorder(crop, 16, 16, 16, 16, cv2.BORDER_CONSTANT, value=(60, 90, 70))
+            photo = cv2.copyMakeBorder(
+                crop, 16, 16, 16, 16, cv2.BORDER_CONSTANT, value=(60, 90, 70)
+            )
             paths = {sub: out / sub / f"{key}.jpg" for sub in ("photos", "crops", "edges")}
             for sub, image in (("photos", photo), ("crops", crop), ("edges", edge)):
                 cv2.imwrite(str(paths[sub]), image)
@@ -57,7 +69,10 @@ def write_synthetic(out_dir: str | pathlib.Path, individuals: int = 4, per_indiv
             vector = centre + noise * np.linalg.norm(centre) * rng.normal(size=dims) / np.sqrt(dims)
             embeddings.append(vector / np.linalg.norm(vector))
     npz = out / "embeddings.npz"
-    np.savez(npz, embeddings=np.asarray(embeddings, np.float32),
-             meta=np.array(json.dumps({"model": "synthetic", "version": 1})),
-             **{name: np.array(values, dtype=str) for name, values in rows.items()})
+    embeddings_io.write(
+        npz,
+        embeddings_io.make(
+            np.asarray(embeddings, np.float32), meta={"model": "synthetic", "version": 1}, **rows
+        ),
+    )
     return npz

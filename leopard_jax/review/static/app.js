@@ -72,16 +72,28 @@ function renderCandidate(image, rank) {
   card.addEventListener("click", () => select(rank));
   const head = el("div", "card-head");
   head.append(el("span", "rank", String(rank + 1)));
-  const score = el("span", "score", `cosine ${image.score.toFixed(3)}`);
-  score.title = "cosine similarity to the anchor (1 = identical embedding)";
+  const calibrated = image.probability !== null && image.probability !== undefined;
+  const score = el("span", "score", calibrated
+    ? `P(same) ${image.probability.toFixed(2)}`
+    : `cosine ${image.score.toFixed(3)}`);
+  score.title = calibrated
+    ? `calibrated probability that this is the anchor's individual (deep embedding and ${image.inliers} verified spot-pattern matches)`
+    : "cosine similarity to the anchor (1 = identical embedding)";
   head.append(score);
   const bar = el("div", "bar");
   const fill = el("div", "fill");
-  fill.style.width = `${Math.max(0, image.score) * 100}%`;
+  fill.style.width = `${Math.max(0, calibrated ? image.probability : image.score) * 100}%`;
   bar.append(fill);
   const img = zoomable(el("img"), image);
   img.alt = `candidate ${rank + 1}`;
   const caption = el("div", "caption", describe(image));
+  if (calibrated) {
+    const pair = el("img", "pair");
+    pair.src = image.pair_url;
+    pair.alt = `${image.inliers} verified correspondences between the anchor and candidate ${rank + 1}`;
+    pair.title = pair.alt;
+    caption.append(pair);
+  }
   const buttons = el("div", "buttons");
   const match = el("button", "match", "Match");
   match.type = "button";

@@ -1,0 +1,245 @@
+"""The local-feature pipeline end to end on a hand-made dataset: store build (resume,
+missing store), `match --rerank local` with cross-fitted calibration, `evaluate --matches`,
+and the calibrator's refusal of another model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+from test_local_features import spots, warp
+
+from leopard_jax import embeddings_io, evaluate, match
+from leopard_jax.data import records
+from leopard_jax.local import __main__ as local_cli
+from leopard_jax.local import calibration, matching, store
+
+INDIVIDUALS, PHOTOS = 4, 2
+
+
+def write_dataset(root):
+    """INDIVIDUALS animals x PHOTOS crops (the pattern, then a warped copy), in the
+    dataset layout of `records`; the records themselves are not needed here."""
+    records.save_settings(root, {"height": 64, "width": 128, "channels": 4})
+    (root / "shards").mkdir()
+    (root / "shards" / "s0.array_record").write_bytes(b"")
+    rows = []
+    for a in range(INDIVIDUALS):
+        pattern = spots(10 + a)
+        for p in range(PHOTOS):
+            key = f"L{a}/p{p}"
+            image = pattern if p == 0 else warp(pattern)[0]
+            for folder in ("crops", "edges"):
+                (root / folder / f"L{a}").mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / folder / f"{key}.jpg"), image)
+            rows.append(
+                {
+                    "key": key,
+                    "identity": f"L{a}",
+                    "crop": f"crops/{key}.jpg",
+                    "edge": f"edges/{key}.jpg",
+                    "shard": "s0",
+                    "index": str(len(rows)),
+                }
+            )
+    with open(root / "shards" / "s0.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=records.MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows({**dict.fromkeys(records.MANIFEST_FIELDS, ""), **r} for r in rows)
+    return rows
+
+
+def write_embeddings(path, dataset, rows, fingerprint="abc123"):
+    """Deep embeddings that know nothing: random directions."""
+    vectors = np.random.default_rng(0).normal(size=(len(rows), 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    data = embeddings_io.make(
+        vectors,
+        meta={"dataset": str(dataset), "model_fingerprint": fingerprint},
+        keys=[r["key"] for r in rows],
+        identities=[r["identity"] for r in rows],
+        crops=[str(dataset / r["crop"]) for r in rows],
+    )
+    embeddings_io.write(path, data)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rows = write_dataset(root)
+    embeddings = root.parent / "e.npz"
+    write_embeddings(embeddings, root, rows)
+    return root, rows, embeddings
+
+
+def test_a_dataset_without_a_store_names_the_command_that_builds_it(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    rows = write_dataset(tmp_path / "d")
+    write_embeddings(tmp_path / "e.npz", tmp_path / "d", rows)
+    code = match.main(
+        [
+            "--embeddings",
+            str(tmp_path / "e.npz"),
+            "--rerank",
+            "local",
+            "--out",
+            str(tmp_path / "m.csv"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"python -m leopard_jax.local --data {tmp_path / 'd'}" in err
+
+
+def test_store_builds_resumes_and_reads_back(dataset, capsys):
+    root, rows, _ = dataset
+    assert local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"]) == 0
+    assert f"{len(rows)} crops extracted now" in capsys.readouterr().out
+    assert local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"]) == 0
+    assert "0 crops extracted now" in capsys.readouterr().out
+    features = store.load(root)
+    assert len(features) == len(rows)
+    xy, desc = features.get("L0/p0")
+    assert 0 < len(xy) <= 500 and desc.shape == (len(xy), 128) and desc.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=2e-3)  # float16 store
+    # other settings on the same store are refused, not mixed in
+    assert local_cli.main(["--data", str(root), "--max-keypoints", "7", "--no-progress"]) == 2
+
+
+def test_rerank_puts_the_same_animal_first_and_evaluate_scores_the_three_rankings(
+    dataset, tmp_path, capsys
+):
+    root, rows, embeddings = dataset
+    local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"])
+    out = tmp_path / "m.csv"
+    assert (
+        match.main(
+            [
+                "--embeddings",
+                str(embeddings),
+                "--rerank",
+                "local",
+                "--top-k",
+                "all",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    table = list(csv.DictReader(open(out)))
+    assert set(match.CSV_FIELDS + match.RERANK_FIELDS) == set(table[0])
+    assert len(table) == len(rows) * (len(rows) - 1)
+    first = [r for r in table if r["rank"] == "1"]
+    assert all(r["match_identity"] == r["query_identity"] for r in first)
+    assert all(int(r["local_inliers"]) >= 30 for r in first)
+    # no model dir in the meta: the calibrator goes beside the embeddings
+    saved = json.loads((embeddings.parent / "e_calibrator.json").read_text())
+    assert saved["model_fingerprint"] == "abc123" and saved["pairs"] == len(table)
+
+    assert (
+        evaluate.main(
+            [
+                "--embeddings",
+                str(embeddings),
+                "--matches",
+                str(out),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["local"]["DT5AP"] == 1.0 and result["local"]["T1RMD"] == 1.0
+    assert result["fused"]["T1RMD"] == 1.0
+    assert set(result) >= {"deep", "local", "fused", "fused_minus_deep_DT5AP"}
+    # the CSV's deep order over the whole gallery is the plain evaluation's ranking
+    plain = evaluate.evaluate(embeddings_io.read(embeddings))
+    for key in ("DT5AP", "T1RMD", "T5RMD"):
+        assert result["deep"][key] == pytest.approx(plain[key], abs=1e-6)
+    capsys.readouterr()
+
+    # new queries against the gallery use the saved calibrator; another model's is refused
+    other = tmp_path / "other.npz"
+    write_embeddings(other, root, rows, fingerprint="zzz999")
+    code = match.main(
+        [
+            "--embeddings",
+            str(other),
+            "--query",
+            str(embeddings),
+            "--rerank",
+            "local",
+            "--calibrator",
+            str(calibration.default_path({}, embeddings)),
+            "--out",
+            str(tmp_path / "m2.csv"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "fitted for model abc123" in err
+
+
+def test_calibration_recovers_a_logistic_law_and_ece_by_hand():
+    rng = np.random.default_rng(0)
+    deep = rng.uniform(-1, 1, 4000)
+    inliers = rng.integers(0, 60, 4000)
+    p_true = 1 / (1 + np.exp(-(3.0 * np.log1p(inliers) - 6.0)))
+    same = rng.random(4000) < p_true
+    weights = calibration.fit(deep, inliers, same)["weights"]["local"]
+    np.testing.assert_allclose(weights, [3.0, -6.0], atol=0.5)
+    # two bins: [0.1, 0.1] with 1 of 2 same (gap 0.4), [0.9] with 1 of 1 (gap 0.1)
+    assert calibration.ece([0.1, 0.1, 0.9], [1, 0, 1]) == pytest.approx((2 * 0.4 + 0.1) / 3)
+
+
+def test_cross_fit_never_scores_a_pair_with_a_calibrator_that_saw_its_individuals(monkeypatch):
+    trained, scored = [], []
+    real_fit, real_probabilities = calibration.fit, calibration.probabilities
+
+    def fit_spy(deep, inliers, same, **kw):
+        trained.append(deep.astype(int).tolist())
+        return real_fit(deep, inliers, same, **kw)
+
+    def probabilities_spy(calibrator, deep, inliers):
+        scored.append(deep.astype(int).tolist())
+        return real_probabilities(calibrator, deep, inliers)
+
+    monkeypatch.setattr(calibration, "fit", fit_spy)
+    monkeypatch.setattr(calibration, "probabilities", probabilities_spy)
+    groups = np.repeat(np.arange(10), 6).astype(str)
+    candidates = np.roll(groups, 3)
+    deep = np.arange(60, dtype=float)  # each pair's id, to see which pairs trained
+    out = calibration.cross_fit(
+        deep,
+        np.tile([40, 2, 1], 20),
+        np.tile([True, False, False], 20),
+        groups,
+        candidate_groups=candidates,
+        folds=5,
+    )
+    assert len(trained) == 5 and sorted(sum(scored, [])) == list(range(60))
+    for fitted_on, applied_to in zip(trained, scored):
+        seen = {groups[i] for i in fitted_on} | {candidates[i] for i in fitted_on}
+        assert not seen & {groups[i] for i in applied_to}
+    assert np.all((out["fused"] > 0) & (out["fused"] < 1))
+
+
+def test_a_crop_without_keypoints_is_stored_and_matches_nothing(tmp_path):
+    store.write_settings(tmp_path, {"max_keypoints": 5})
+    none_xy, none_desc = np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
+    two_desc = np.full((2, 128), 128**-0.5, np.float32)
+    store.write_part(
+        store.store_dir(tmp_path),
+        "part-0",
+        ["blank", "two", "blank2"],
+        [none_xy, np.ones((2, 2), np.float32), none_xy],
+        [none_desc, two_desc, none_desc],
+    )
+    features = store.load(tmp_path)
+    assert [len(features.get(k)[0]) for k in ("blank", "two", "blank2")] == [0, 2, 0]
+    found = matching.match_pairs([features.get("blank")], [features.get("two")])[0]
+    assert (found.tentative, found.inliers) == (0, 0)
