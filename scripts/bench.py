@@ -50,7 +50,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from leopard_jax import cli  # noqa: E402  (after the path: runs from a checkout too)
 
-PARTS = ("train", "embed", "data", "preprocess")
+PARTS = ("train", "embed", "data", "preprocess", "local")
 # data: long rounds, because a loader's read-ahead (up to a few batches made while the last
 # drained batch was awaited) inflates short rounds; 6-batch rounds overstated grain 3x here.
 DEFAULT_STEPS = {"train": 6, "embed": 10, "data": 40, "preprocess": 8}
@@ -960,6 +960,15 @@ def preprocess_part(cfg: Config) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 
+def local_part(cfg: Config) -> dict:
+    """The local-feature matcher's own figures (no reference side): extraction ms per crop
+    per core, matching + verification ms per pair, re-ranking 1000 queries × top-20."""
+    import bench_local
+
+    del cfg  # fixed 256×512 crops and a 1000 × 20 re-ranking, as its targets are stated
+    return {"part": "local", "figures": bench_local.bench_local(queries=1000, top_k=20)}
+
+
 def table(results: list[dict]) -> str:
     head = (
         f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>9}"
@@ -969,6 +978,11 @@ def table(results: list[dict]) -> str:
     for r in results:
         if "skipped" in r:
             lines.append(f"{r['part']:<22}skipped: {r['skipped']}")
+            continue
+        if "figures" in r:
+            lines.append(
+                f"{r['part']:<22}" + ", ".join(f"{k} {v}" for k, v in r["figures"].items())
+            )
             continue
         a, b = r["leopard_jax"], r["reference"]
         ref_rate = f"{b['images_per_s']:>17.2f}" if b else f"{'-':>17}"
@@ -981,7 +995,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"    {'refused' if b else 'note'}: {reason}")
     lines.append("")
     for r in results:
-        if "skipped" not in r and r["reference"]:
+        if "skipped" not in r and r.get("reference"):
             lines.append(f"{r['part']}: reference = {r['reference']['reference']}")
     return "\n".join(lines)
 
@@ -1014,6 +1028,8 @@ def run(
         if part in ("train", "embed"):
             models = models or build_models(cfg)
             found = train_part(cfg, models) if part == "train" else embed_part(cfg, models)
+        elif part == "local":
+            found = local_part(cfg)
         else:
             try:
                 found = data_part(cfg) if part == "data" else preprocess_part(cfg)

@@ -173,3 +173,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_a_part_without_reference_prints_its_own_figures():
+    """The local matcher has no PyTorch side: its row lists its figures instead of ratios."""
+    text = bench.table([{"part": "local", "figures": {"match_verify_ms_per_pair": 4.4}}])
+    assert "local" in text and "match_verify_ms_per_pair 4.4" in text
+    assert "local" in bench.PARTS

@@ -1,0 +1,76 @@
+"""Speed of the local-feature matcher, the `local` part of scripts/bench.py:
+
+    extraction   ms per 256x512 crop on one core (SIFT + RootSIFT, 500 keypoints)
+    matching     ms per pair: jitted mutual-NN ratio test (batched) + RANSAC verification
+    re-ranking   seconds for `queries` x top-`top_k` pairs through `matching.match_pairs`
+                 (what `local.rerank.pair_matches` runs, less the feature-store look-ups)
+
+    python scripts/bench.py local
+
+Inputs are synthetic rosette patterns (`tests`-style) and their warped copies, so half the
+pairs verify with many inliers and half do not, as in a real top-k list.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+
+
+def _spots(seed: int, size=(256, 512)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.full(size, 170, np.uint8)
+    for _ in range(90):
+        x, y = int(rng.integers(0, size[1])), int(rng.integers(0, size[0]))
+        axes = (int(rng.integers(5, 16)), int(rng.integers(4, 11)))
+        cv2.ellipse(image, (x, y), axes, float(rng.uniform(0, 180)), 0, 360, 40, 3)
+    return cv2.GaussianBlur(image, (3, 3), 0)
+
+
+def _warp(image: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    matrix = cv2.getRotationMatrix2D((256, 128), float(rng.uniform(-8, 8)), 1.05)
+    return cv2.warpAffine(image, matrix, (512, 256), borderValue=170)
+
+
+def bench_local(queries: int = 1000, top_k: int = 20, images: int = 16, pairs: int = 256) -> dict:
+    """The three measurements, in a dict of plain numbers."""
+    from leopard_jax.local import features, matching
+
+    cv2.setNumThreads(1)  # per core
+    crops = [_spots(i) for i in range(images)]
+    warped = [_warp(c, i) for i, c in enumerate(crops)]
+    features.extract(crops[0])  # warm-up
+    start = time.perf_counter()
+    a = [features.extract(c) for c in crops]
+    b = [features.extract(w) for w in warped]
+    extract_ms = (time.perf_counter() - start) * 1000 / (2 * images)
+
+    # pairs: each crop against its warped copy (same animal) and another crop's copy
+    left = [a[i % images] for i in range(pairs)]
+    right = [b[i % images] if i % 2 == 0 else b[(i + 1) % images] for i in range(pairs)]
+    matching.match_pairs(left[:64], right[:64])  # compile
+    start = time.perf_counter()
+    found = matching.match_pairs(left, right)
+    pair_ms = (time.perf_counter() - start) * 1000 / pairs
+    same = [m.inliers for m in found[0::2]]
+    different = [m.inliers for m in found[1::2]]
+
+    total = queries * top_k
+    left = [a[i % images] for i in range(total)]
+    right = [b[(i * 7 + i // top_k) % images] for i in range(total)]
+    start = time.perf_counter()
+    matching.match_pairs(left, right)
+    rerank_s = time.perf_counter() - start
+    return {
+        "extract_ms_per_crop_per_core": round(extract_ms, 2),
+        "keypoints_per_crop": float(np.mean([len(x) for x, _ in a])),
+        "match_verify_ms_per_pair": round(pair_ms, 2),
+        "inliers_same_median": float(np.median(same)),
+        "inliers_different_median": float(np.median(different)),
+        "rerank_queries": queries,
+        "rerank_top_k": top_k,
+        "rerank_seconds": round(rerank_s, 1),
+    }
