@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
             name="cosface",  # a key of losses.LOSSES: cosface, arcface, triplet
             scale=64.0,
             margin=0.28,
-            margin_fn="adaptive",  # adaptive: m·h(θ), h = ((1 − cos²θ)⁴ + 0.1)/1.1; constant: h = 1
+            # adaptive: m·h(θ), h = ((1 − cos²θ)⁴ + 0.1)/1.1; constant: h = 1; spotid_code:
+            # what the released spotID code computes (any name in losses.MARGIN_FUNCTIONS)
+            margin_fn="adaptive",
             train_centers=True,  # False reproduces the original code's frozen class centres
             triplet_margin=0.2,
             triplet_warmup_epochs=3,  # random negatives before semi-hard mining starts

@@ -119,7 +119,8 @@ class ShardWriter:
         """Append one H×W×C uint8 record and its manifest row (shard/index are filled in)."""
         if image.dtype != np.uint8 or image.ndim != 3:
             raise ValueError(
-                f"record for {row.get('key')!r} must be uint8 H×W×C, got {image.dtype} {image.shape}"
+                f"record for {row.get('key')!r} must be uint8 H×W×C, got {image.dtype} "
+                f"{image.shape}"
             )
         unknown = set(row) - set(MANIFEST_FIELDS)
         if unknown:

@@ -64,7 +64,8 @@ def epoch_batches(groups: list[np.ndarray], *, global_batch: int, num_shards: in
     """
     if global_batch < 1 or num_shards < 1 or global_batch % num_shards:
         raise ValueError(
-            f"global_batch ({global_batch}) must be a positive multiple of num_shards ({num_shards})"
+            f"global_batch ({global_batch}) must be a positive multiple of num_shards "
+            f"({num_shards})"
         )
     per_shard = global_batch // num_shards
     by_size: dict[int, collections.deque] = collections.defaultdict(collections.deque)

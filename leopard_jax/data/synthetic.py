@@ -116,7 +116,8 @@ def write_photos(
 
 
 def simple_edges(bgr: np.ndarray) -> np.ndarray:
-    """A stand-in edge channel (grey → blur → Canny), for datasets written without preprocess."""
+    """A stand-in edge channel (grey → blur → Canny), for datasets written without
+    preprocess."""
     grey = cv2.GaussianBlur(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), (5, 5), 0)
     return cv2.Canny(grey, 55, 160)
 

@@ -184,7 +184,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def _pose(rng: np.random.Generator, height: int, width: int, flank: str) -> np.ndarray:
-    """3×3 homography from the canonical coat frame into the photo (the animal fills much of it)."""
+    """3×3 homography from the canonical coat frame into the photo (the animal fills much
+    of it)."""
     span = rng.uniform(0.8, 1.0) * width
     aspect = rng.uniform(1.0, 1.25) * COAT_H / COAT_W
     cx = width / 2 + rng.uniform(-0.5, 0.5) * (width - span)

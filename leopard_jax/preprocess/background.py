@@ -51,7 +51,8 @@ def new_session(model: str, custom_session: str = "u2net_custom", threads: int =
         except Exception as e:  # download failures surface as many types (network, checksum)
             raise RuntimeError(
                 f"background model {model!r} could not be loaded ({type(e).__name__}: {e}); "
-                "without network access give a local .onnx file, e.g. --background /path/u2netp.onnx"
+                "without network access give a local .onnx file, e.g. --background "
+                "/path/u2netp.onnx"
             ) from None
     path = pathlib.Path(model).expanduser().absolute()
     if not path.is_file():

@@ -20,7 +20,8 @@ from leopard_jax.preprocess import inputs
 
 
 def default_images_dir(json_path: pathlib.Path) -> pathlib.Path | None:
-    """`X.coco/annotations/instances_train2022.json` -> `X.coco/images/train2022`, when it exists."""
+    """`X.coco/annotations/instances_train2022.json` -> `X.coco/images/train2022`, when it
+    exists."""
     stem = json_path.stem
     if json_path.parent.name != "annotations" or not stem.startswith("instances_"):
         return None

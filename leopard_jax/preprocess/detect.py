@@ -145,8 +145,9 @@ def parse_classes(spec: str | int | tuple | list, num_classes: int) -> tuple[int
     if spec == "animal":
         if num_classes not in _ANIMAL_CLASSES:
             raise ValueError(
-                f"detector has {num_classes} classes; 'animal' is known only for MegaDetector (3) and "
-                "COCO (80): set detector.classes to the animal class ids, e.g. --config.detector.classes=0"
+                f"detector has {num_classes} classes; 'animal' is known only for MegaDetector "
+                "(3) and COCO (80): set detector.classes to the animal class ids, e.g. "
+                "--config.detector.classes=0"
             )
         return _ANIMAL_CLASSES[num_classes]
     ids: list[int] = []
@@ -280,7 +281,8 @@ class Detector:
         return height, width
 
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, Letterbox]:
-        """RGB uint8 -> NCHW float32 input; YOLOX wants BGR 0–255 top-left, others RGB 0–1 centred."""
+        """RGB uint8 -> NCHW float32 input; YOLOX wants BGR 0–255 top-left, others RGB 0–1
+        centred."""
         yolox = self.format == "yolox"
         image, placement = letterbox(
             rgb[..., ::-1] if yolox else rgb, self.input_hw, centre=not yolox

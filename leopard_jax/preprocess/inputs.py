@@ -219,7 +219,8 @@ def list_photos(
         photos = list_folder(path, labels)
         if not photos:
             raise InputError(
-                f"--input {path}: no photos found (looked for {', '.join(IMAGE_SUFFIXES)}); check the path"
+                f"--input {path}: no photos found (looked for {', '.join(IMAGE_SUFFIXES)}); "
+                "check the path"
             )
     return unique_names(photos)
 

@@ -64,7 +64,8 @@ class Summary:
         return (
             f"done: {self.processed} items -> {self.records} records in {self.shards} shards, "
             f"{sum(self.rejected.values())} rejected{f' ({why})' if why else ''}, "
-            f"{self.skipped} skipped as already done; {self.seconds:.1f} s, {rate:.2f} items/s; {output}"
+            f"{self.skipped} skipped as already done; {self.seconds:.1f} s, {rate:.2f} "
+            f"items/s; {output}"
             + (f" ({self.part}: complete once every part has run)" if self.part else "")
         )
 
@@ -190,7 +191,8 @@ def run(config, *, log: Callable[[str], None] = lambda m: print(m, file=sys.stde
             f"{len(photos)} items listed{f' ({tag})' if tag else ''}, {summary.skipped} already "
             f"done, {len(todo)} to process with "
             f"{settings['workers'] if settings['workers'] > 0 else 'no'} worker processes "
-            f"(detector: {settings['detector']['model']}, background: {settings['background']['model']})"
+            f"(detector: {settings['detector']['model']}, background: "
+            f"{settings['background']['model']})"
         )
         # Worker processes build their own stages (and report a failure on their first item).
         stages = None
@@ -258,7 +260,8 @@ def _write_all(settings, output, todo, stages, rejected_path, summary: Summary) 
     except BrokenProcessPool:
         commit()
         raise PreprocessError(
-            "a worker process died (out of memory? try fewer --workers); finished photos are saved, "
+            "a worker process died (out of memory? try fewer --workers); finished photos are "
+            "saved, "
             "rerun the same command to resume"
         ) from None
     except BaseException:

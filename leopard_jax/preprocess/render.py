@@ -48,7 +48,8 @@ def render(
     if rgb.shape[:2] != edge.shape[:2]:
         raise ValueError(f"rgb {rgb.shape[:2]} and edge {edge.shape[:2]} must have the same size")
     out = np.empty((height, width, 4), np.uint8)
-    # Resized apart, then stacked: OpenCV's 3- and 1-channel paths are faster than its 4-channel one.
+    # Resized apart, then stacked: OpenCV's 3- and 1-channel paths are faster than its
+    # 4-channel one.
     out[..., :3] = resize(rgb, height, width, mode, pad_value)
     out[..., 3] = resize(edge, height, width, mode, pad_value)
     return out
