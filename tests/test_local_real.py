@@ -14,8 +14,6 @@ from leopard_jax.local import features, matching
 DATA = (
     pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "spotid_minimum" / "cropped"
 )
-if not DATA.is_dir():
-    DATA = pathlib.Path("/work/shared/data/spotid_minimum/cropped")
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data at {DATA}")
 
