@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
             brightness=0.2,  # colour jitter on RGB only: "slight", as in the paper
             contrast=0.2,
             saturation=0.2,
+            # where it runs: "host" (OpenCV in the grain workers), "device" (JAX, inside the
+            # jitted step), "auto": device on GPU/TPU, host on CPU (same cores either way)
+            where="auto",
         )
     )
 

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 def choices() -> dict[str, tuple[str, ...]]:
     """Config key -> the names its registry holds."""
     from leopard_jax import losses
+    from leopard_jax.data.augment import PLACES
     from leopard_jax.models import BACKBONES, DTYPES
     from leopard_jax.models.embedding import HEADS
     from leopard_jax.train.state import INITS
@@ -36,6 +37,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "loss.name": tuple(losses.LOSSES),
         "loss.margin_fn": tuple(losses.MARGIN_FUNCTIONS),
         "init.kind": tuple(INITS),
+        "augment.where": PLACES,
     }
 
 
@@ -77,12 +79,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{settings} not found; is {config.data_dir} a dataset made by "
         "`python -m leopard_jax.preprocess`?",
     )
-    for key, allowed in choices().items():
-        _one_of(config, key, allowed)
     augment = set(config.augment.keys())
     unknown = sorted(augment - set(augment_settings()))
     _check(not unknown, "augment", f"unknown settings {unknown}; allowed: {augment_settings()}")
-    for key in sorted(augment):
+    for key, allowed in choices().items():
+        if key != "augment.where" or "where" in augment:
+            _one_of(config, key, allowed)
+    for key in sorted(augment - {"where"}):
         _check(config.augment[key] >= 0, f"augment.{key}", "must be ≥ 0 (0 switches it off)")
     _check(config.model.dims > 0, "model.dims", "must be positive")
     _check(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")

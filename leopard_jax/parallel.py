@@ -8,6 +8,10 @@ the shape of per-device batches are decided once.
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -25,9 +29,15 @@ def replicate(tree: Any, devices=None) -> Any:
     step returns, so the step compiled on its first call would compile again on its second
     (~20 s for the demo model on CPU). A pass through an identity pmap over the same axis
     gives the first call the layout every later call sees."""
-    return jax.pmap(lambda x: jax.tree.map(jnp.copy, x), axis_name=AXIS, devices=devices)(
-        jax_utils.replicate(tree, devices)
-    )
+    key = None if devices is None else tuple(devices)
+    return _identity_pmap(key)(jax_utils.replicate(tree, devices))
+
+
+@functools.cache
+def _identity_pmap(devices: tuple | None):
+    """One identity pmap per device set, so replicating again (each epoch) compiles only
+    for a new tree structure."""
+    return jax.pmap(lambda x: jax.tree.map(jnp.copy, x), axis_name=AXIS, devices=devices)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -58,3 +68,27 @@ def shard(batch: Any, num_devices: int | None = None) -> Any:
 def unshard(tree: Any) -> Any:
     """[devices, b, ...] -> [devices·b, ...] host arrays (the inverse of `shard`)."""
     return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), jax.device_get(tree))
+
+
+def put_sharded(batch: Any, devices=None) -> Any:
+    """[B, ...] host arrays -> device arrays [devices, B / devices, ...], each device holding
+    its share, laid out as pmap lays out its sharded inputs (so the step neither copies nor
+    recompiles). The transfer is asynchronous."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    sharding = jax.NamedSharding(mesh, jax.P(AXIS))
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), shard(batch, len(devices)))
+
+
+def prefetch_to_device(batches: Iterable[Any], size: int = 2, devices=None) -> Iterator[Any]:
+    """`put_sharded` batches, `size` ahead: when batch n is handed over, batches n+1 ..
+    n+size are already on (or on their way to) the devices, so they travel while step n
+    runs (flax's jax_utils.prefetch_to_device, on `shard`, refilled before the hand-over)."""
+    if size < 1:
+        raise ValueError(f"prefetch size must be >= 1, got {size}")
+    iterator = iter(batches)
+    queue = collections.deque(put_sharded(b, devices) for b in itertools.islice(iterator, size))
+    while queue:
+        batch = queue.popleft()
+        queue.extend(put_sharded(b, devices) for b in itertools.islice(iterator, 1))
+        yield batch

@@ -54,6 +54,7 @@ def main(dataset: str, n_devices: int) -> None:
             epoch=0,
             num_devices=n,
             augment_config=config.augment.to_dict(),
+            normalize=False,  # uint8: the step normalises (and augments, where="device")
         ):
             rstate, logs = p_step(rstate, parallel.shard(batch, n), epoch)
             losses.append(float(np.ravel(parallel.unreplicate(logs)["loss"])[0]))

@@ -83,6 +83,7 @@ def test_a_new_registry_entry_needs_no_change_in_validation(config, monkeypatch)
         ("model.dtype", "float16"),
         ("loss.name", "cosfase"),
         ("init.kind", "imagenet"),
+        ("augment.where", "gpu"),
     ],
 )
 def test_unknown_names_are_rejected_with_the_valid_ones(config, key, value):

@@ -120,3 +120,81 @@ def test_config_from_mapping_rejects_typos():
     assert augment.AugmentConfig.of(None) == augment.AugmentConfig()
     with pytest.raises(ValueError, match="rotate_degs"):
         augment.AugmentConfig.of({"rotate_degs": 5})
+
+
+def _scene(seed):
+    """A smooth RGB picture with a binary edge channel (what records hold)."""
+    rgb = np.stack([_blobs(seed + k) for k in range(3)], axis=-1)
+    rgb = cv2.GaussianBlur(rgb, (7, 7), 0)
+    edges = cv2.Canny(rgb[..., 0], 50, 100)
+    return np.concatenate([rgb, edges[..., None]], axis=-1)
+
+
+def test_device_warp_matches_cv2_warp_affine():
+    """Same drawn matrix: the JAX warp is OpenCV's to within a grey level on average."""
+    import jax.numpy as jnp
+
+    from leopard_jax.data import device_augment
+
+    config = augment.AugmentConfig(rotate_deg=15, crop_fraction=0.15)
+    for seed in range(3):
+        image = _scene(seed)
+        matrix, _ = augment.draw(np.random.default_rng(seed), H, W, config)
+        expected = augment.warp(image, matrix).astype(np.float32)
+        got = np.asarray(device_augment.warp(jnp.asarray(image), jnp.asarray(matrix, jnp.float32)))
+        assert got.shape == expected.shape
+        interior = np.abs(got - expected)[2:-2, 2:-2]
+        assert interior.mean() < 1.0, (seed, interior.mean())
+        assert np.median(interior) == 0
+
+
+def test_device_jitter_matches_cv2_transform_up_to_rounding():
+    import jax.numpy as jnp
+
+    from leopard_jax.data import device_augment
+
+    config = augment.AugmentConfig(brightness=0.5, contrast=0.5, saturation=0.5)
+    for seed in range(4):
+        image = _scene(seed)
+        _, factors = augment.draw(np.random.default_rng(seed), H, W, config)
+        mean_rgb = np.array(cv2.mean(image)[:3], np.float32)
+        expected = cv2.transform(image, augment.jitter_matrix(factors, mean_rgb))
+        got = np.asarray(
+            device_augment.jitter(
+                jnp.asarray(image, jnp.float32), jnp.asarray(factors, jnp.float32)
+            )
+        )
+        diff = np.abs(got - expected)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (seed, diff.max())
+        np.testing.assert_array_equal(got[..., 3], image[..., 3])
+
+
+def test_device_augment_of_the_drawn_parameters_is_the_host_augment():
+    """augment() = warp with draw()'s matrix, then jitter with its factors: the device
+    version of the same draw lands within a grey level; identity parameters (padding) keep
+    the image exactly."""
+    import jax.numpy as jnp
+
+    from leopard_jax.data import device_augment
+
+    config = augment.AugmentConfig()
+    images = np.stack([_scene(s) for s in range(3)])
+    draws = [augment.draw(np.random.default_rng(s), H, W, config) for s in range(3)]
+    matrices = jnp.asarray(np.stack([m for m, _ in draws]), jnp.float32)
+    factors = jnp.asarray(np.stack([f for _, f in draws]), jnp.float32)
+    got = np.asarray(device_augment.augment_batch(jnp.asarray(images), matrices, factors))
+    for s in range(3):
+        host = augment.augment(images[s], np.random.default_rng(s), config).astype(np.float32)
+        assert np.abs(got[s] - host)[2:-2, 2:-2].mean() < 1.0
+    identity = device_augment.augment_batch(
+        jnp.asarray(images), jnp.tile(jnp.eye(2, 3), (3, 1, 1)), jnp.ones((3, 3))
+    )
+    np.testing.assert_array_equal(np.asarray(identity), images.astype(np.float32))
+
+
+def test_where_must_be_a_known_place():
+    assert augment.AugmentConfig.of({"where": "device"}).where == "device"
+    assert augment.AugmentConfig(where="auto").place("cpu") == "host"
+    assert augment.AugmentConfig(where="auto").place("gpu") == "device"
+    with pytest.raises(ValueError, match="where='gpu' is not one of"):
+        augment.AugmentConfig.of({"where": "gpu"})

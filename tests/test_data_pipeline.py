@@ -179,3 +179,83 @@ def test_bad_inputs_fail_clearly(dataset, tmp_path):
         pipeline.train_loader(rows, path, global_batch=6, seed=0, epoch=0, num_devices=4)
     with pytest.raises(records.DatasetError, match="settings.json"):
         pipeline.train_loader(rows, tmp_path, global_batch=8, seed=0, epoch=0, num_devices=1)
+
+
+def test_device_augmentation_ships_raw_records_with_the_drawn_parameters(dataset):
+    """where="device": uint8 records as stored, each with the (matrix, jitter) the host
+    stream draws from (seed, epoch, position); applying them gives the host stream's images."""
+    import jax.numpy as jnp
+
+    from leopard_jax.data import device_augment
+
+    path, rows = dataset
+    kw = dict(global_batch=8, seed=5, epoch=2, num_devices=1, normalize=False)
+    device = next(iter(pipeline.train_loader(rows, path, augment_config={"where": "device"}, **kw)))
+    host = next(iter(pipeline.train_loader(rows, path, augment_config={"where": "host"}, **kw)))
+    table = pipeline.train_table(rows, global_batch=8, seed=5, epoch=2, num_devices=1)
+    source = records.RecordSource(path, rows)
+    assert device["image"].dtype == np.uint8 and device["matrix"].shape == (8, 2, 3)
+    for slot in range(8):
+        np.testing.assert_array_equal(device["image"][slot], source[table[0, slot]])
+        matrix, factors = augment.draw(
+            np.random.default_rng([5, 2, slot]), H, W, augment.AugmentConfig()
+        )
+        np.testing.assert_array_equal(device["matrix"][slot], matrix.astype(np.float32))
+        np.testing.assert_array_equal(device["jitter"][slot], factors.astype(np.float32))
+    np.testing.assert_array_equal(device["label"], host["label"])
+    applied = np.asarray(
+        device_augment.augment_batch(
+            jnp.asarray(device["image"]),
+            jnp.asarray(device["matrix"]),
+            jnp.asarray(device["jitter"]),
+        )
+    )
+    assert np.abs(applied - host["image"])[:, 2:-2, 2:-2].mean() < 1.0
+    with pytest.raises(ValueError, match="normalize=False"):
+        pipeline.train_loader(
+            rows, path, augment_config={"where": "device"}, **{**kw, "normalize": True}
+        )
+
+
+def test_a_stream_started_mid_epoch_is_the_tail_of_the_whole_stream(dataset):
+    """How a run resumes: (epoch, start_step) gives exactly the batches after start_step."""
+    path, rows = dataset
+    kw = dict(global_batch=8, seed=1, epoch=3, num_epochs=2, num_devices=2, normalize=False)
+    whole = pipeline.train_loader(rows, path, **kw)
+    tail = pipeline.train_loader(rows, path, start_step=2, **kw)
+    assert len(tail) == len(whole) - 2 and tail.steps_per_epoch == whole.steps_per_epoch
+    for a, b in zip(_batches(whole)[2:], _batches(tail), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="past the epoch"):
+        pipeline.train_loader(rows, path, start_step=whole.steps_per_epoch, **kw)
+
+
+_STOP_MID_STREAM = """
+import sys
+from leopard_jax.data import pipeline, records
+path = sys.argv[1]
+rows = records.read_manifest(path)
+data = pipeline.train_loader(rows, path, global_batch=8, seed=0, epoch=0, num_epochs=3,
+                             num_devices=1, worker_count=2, normalize=False)
+next(iter(data))
+data.close()
+print("closed")
+"""
+
+
+def test_a_stream_stopped_mid_epoch_leaks_no_shared_memory(dataset):
+    """Workers started, one batch taken, the stream closed: Python's resource tracker
+    reports no leaked shared_memory objects at exit."""
+    import subprocess
+    import sys
+
+    path, _ = dataset
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOP_MID_STREAM, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "closed" in proc.stdout, proc.stderr[-3000:]
+    assert "leaked shared_memory" not in proc.stderr, proc.stderr[-3000:]

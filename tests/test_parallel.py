@@ -38,3 +38,24 @@ def test_shard_splits_the_batch_per_device_and_unshard_inverts_it():
 def test_shard_refuses_a_batch_that_does_not_divide():
     with pytest.raises(ValueError, match="does not split over 3 devices"):
         parallel.shard({"x": np.zeros((4, 2))}, num_devices=3)
+
+
+def test_prefetch_to_device_yields_the_sharded_batches_reading_size_ahead():
+    taken = []
+
+    def batches():
+        for i in range(5):
+            taken.append(i)
+            yield {"x": np.full((2 * jax.local_device_count(), 3), i, np.float32)}
+
+    stream = parallel.prefetch_to_device(batches(), size=2)
+    first = next(stream)
+    assert taken == [0, 1, 2]  # the batch handed over and the next `size`, no more
+    expected = parallel.shard({"x": np.zeros((2 * jax.local_device_count(), 3), np.float32)})
+    np.testing.assert_array_equal(np.asarray(first["x"]), expected["x"])
+    rest = list(stream)
+    assert [int(np.asarray(b["x"])[0, 0, 0]) for b in rest] == [1, 2, 3, 4]
+    step = jax.pmap(lambda t: t["x"] + 1, axis_name=parallel.AXIS)
+    assert step(first).sharding == first["x"].sharding  # laid out as pmap lays out its own
+    with pytest.raises(ValueError, match="prefetch size"):
+        next(parallel.prefetch_to_device(batches(), size=0))

@@ -311,3 +311,38 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, dataset, 
     )
     assert proc.returncode == 2
     assert "non-finite" in proc.stderr
+
+
+def test_a_run_stopped_mid_epoch_with_workers_leaks_no_shared_memory(tmp_path, dataset, cache_dir):
+    """Two grain worker processes, SIGTERM once the first epoch's steps are under way: the
+    run saves `latest`, stops its input stream and exits without leaked shared memory."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "leopard_jax.train",
+        "--config",
+        str(DEMO_CONFIG),
+        "--workdir",
+        str(tmp_path),
+        *overrides(dataset, num_epochs=3, workers=2),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and '"epoch": 0' in metrics.read_text():
+            time.sleep(0.5)  # the stream's workers are up
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 143), err[-4000:]
+    assert "leaked shared_memory" not in err, err[-4000:]

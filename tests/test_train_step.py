@@ -92,3 +92,32 @@ def test_compute_loss_uses_the_configured_loss_and_margin_function():
     expected, aux = losses.triplet_loss(emb, labels, key, margin=0.2, semi_hard=True)
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     assert float(used) == float(aux["num_triplets"])
+
+
+def test_the_step_normalises_uint8_and_applies_drawn_augmentation_on_device():
+    """uint8 in: normalised as the embed path does; with matrix/jitter: augmented first
+    (identity parameters change nothing); float32 (normalised on the host) passes through."""
+    from leopard_jax import inference
+    from leopard_jax.data import augment, device_augment
+
+    image = np.random.default_rng(0).integers(0, 256, (2, 8, 16, 4), dtype=np.uint8)
+    plain = np.asarray(steps.input_images({"image": jnp.asarray(image)}))
+    np.testing.assert_allclose(plain, augment.normalize(image), rtol=1e-5, atol=1e-5)
+    identity = {
+        "image": jnp.asarray(image),
+        "matrix": jnp.tile(jnp.eye(2, 3), (2, 1, 1)),
+        "jitter": jnp.ones((2, 3)),
+    }
+    np.testing.assert_array_equal(np.asarray(steps.input_images(identity)), plain)
+    matrix, factors = augment.draw(np.random.default_rng(1), 8, 16, augment.AugmentConfig())
+    drawn = {
+        "image": jnp.asarray(image),
+        "matrix": jnp.asarray(np.stack([matrix] * 2), jnp.float32),
+        "jitter": jnp.asarray(np.stack([factors] * 2), jnp.float32),
+    }
+    expected = inference.normalize(
+        device_augment.augment_batch(drawn["image"], drawn["matrix"], drawn["jitter"])
+    )
+    np.testing.assert_array_equal(np.asarray(steps.input_images(drawn)), np.asarray(expected))
+    floats = jnp.asarray(augment.normalize(image))
+    assert steps.input_images({"image": floats}) is floats

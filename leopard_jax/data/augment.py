@@ -19,9 +19,12 @@ import numpy as np
 # RGB: ImageNet statistics (the backbone's pretraining); edge: the paper's 0.456 / 0.225.
 MEAN = np.array([0.485, 0.456, 0.406, 0.456], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225, 0.225], dtype=np.float32)
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # normalisation as one per-pixel affine (cv2.transform: 4×4 diagonal + bias column).
 _NORMALIZE = np.hstack([np.diag(1 / (255 * STD)), (-MEAN / STD)[:, None]]).astype(np.float32)
+# Where augmentation runs: "host" (OpenCV in the loader's workers), "device" (inside the
+# jitted step), "auto" (device on GPU/TPU, host on CPU, where both share the same cores).
+PLACES = ("auto", "device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class AugmentConfig:
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
+    where: str = "host"  # one of PLACES
 
     @classmethod
     def of(cls, config: AugmentConfig | Mapping[str, Any] | None) -> AugmentConfig:
@@ -53,7 +57,16 @@ class AugmentConfig:
             raise ValueError(
                 f"unknown augmentation settings {sorted(unknown)}; allowed: {sorted(fields)}"
             )
-        return cls(**{k: float(v) for k, v in dict(config).items()})
+        values = {k: v if k == "where" else float(v) for k, v in dict(config).items()}
+        if values.get("where", cls.where) not in PLACES:
+            raise ValueError(f"augment where={values['where']!r} is not one of {PLACES}")
+        return cls(**values)
+
+    def place(self, backend: str) -> str:
+        """ "host" or "device" for this backend ("auto": device unless the backend is cpu)."""
+        if self.where != "auto":
+            return self.where
+        return "host" if backend == "cpu" else "device"
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -94,23 +107,34 @@ def warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.reshape(image.shape)
 
 
-def jitter_matrix(
-    rng: np.random.Generator,
-    mean_rgb: np.ndarray,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-) -> np.ndarray:
-    """4×5 colour matrix (last column: bias) for cv2.transform on R, G, B, edge.
+def jitter_factors(rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """[brightness, contrast, saturation] factors, each uniform in [1 - x, 1 + x]."""
+    return np.array(
+        [rng.uniform(1 - x, 1 + x) for x in (config.brightness, config.contrast, config.saturation)]
+    )
+
+
+def draw(
+    rng: np.random.Generator, height: int, width: int, config: AugmentConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image's random parameters, in the order `augment` draws them: (2×3 geometry
+    matrix, jitter factors), float64."""
+    matrix = geometry_matrix(rng, height, width, config.rotate_deg, config.crop_fraction)
+    return matrix, jitter_factors(rng, config)
+
+
+def jitter_matrix(factors: np.ndarray, mean_rgb: np.ndarray) -> np.ndarray:
+    """4×5 colour matrix (last column: bias) for cv2.transform on R, G, B, edge, from the
+    (brightness, contrast, saturation) factors and the warped image's mean RGB.
 
     Brightness b scales; contrast c pulls towards the image's mean grey m (after
     brightness); saturation s pulls each pixel towards its own grey (torchvision's three
     definitions). All three are linear, so they compose into one matrix, clipped once by
     cv2's uint8 saturation. The edge row is the identity: jitter never touches edges.
     """
-    b, c, s = (rng.uniform(1 - x, 1 + x) for x in (brightness, contrast, saturation))
-    grey_mean = b * float(_LUMA @ mean_rgb)
-    to_grey = np.outer(np.ones(3), _LUMA)
+    b, c, s = (float(x) for x in factors)
+    grey_mean = b * float(LUMA @ mean_rgb)
+    to_grey = np.outer(np.ones(3), LUMA)
     rgb = (
         c * b * (s * np.eye(3) + (1 - s) * to_grey)
     )  # rows of to_grey sum to 1, so the bias passes through
@@ -123,12 +147,9 @@ def jitter_matrix(
 
 def augment(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     """uint8 H×W×4 -> uint8 H×W×4: shared geometry, then RGB-only colour jitter."""
-    height, width = image.shape[:2]
-    matrix = geometry_matrix(rng, height, width, config.rotate_deg, config.crop_fraction)
+    matrix, factors = draw(rng, *image.shape[:2], config)
     out = warp(image, matrix)
     if config.brightness or config.contrast or config.saturation:
         mean_rgb = np.array(cv2.mean(out)[:3], np.float32)
-        out = cv2.transform(
-            out, jitter_matrix(rng, mean_rgb, config.brightness, config.contrast, config.saturation)
-        )
+        out = cv2.transform(out, jitter_matrix(factors, mean_rgb))
     return out

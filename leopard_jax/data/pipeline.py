@@ -1,5 +1,9 @@
 """grain input pipeline: records → identity-grouped order → augment → normalise → batches.
 
+With `augment.where="device"` the workers only read records and draw each image's
+parameters (`augment.draw`); the batch carries uint8 images with `matrix` [B, 2, 3] and
+`jitter` [B, 3], and the jitted step warps, jitters and normalises (`device_augment`).
+
 One training epoch is a fixed table of record indices (`sampling`), so its length is
 known up front, every process of a multi-host run agrees on it, and each process loads
 only its own columns (whole device shards). Each element's randomness comes from
@@ -10,11 +14,13 @@ the same for any worker count and resumes exactly from a saved iterator state.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from leopard_jax.data import augment as augment_lib
@@ -55,24 +61,36 @@ class _Example:
         config: augment_lib.AugmentConfig,
         seed: int,
         normalize: bool = True,
+        on_device: bool = False,
     ):
         self.source, self.table, self.positions, self.epochs = source, table, positions, epochs
         self.labels, self.config, self.seed, self.normalize = labels, config, seed, normalize
+        self.on_device = on_device
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
         index = int(self.table[i])
         if index < 0:
             dtype = np.float32 if self.normalize else np.uint8
-            return {
+            example = {
                 "image": np.zeros(self.source.shape, dtype),
                 "label": np.int32(-1),
                 "mask": np.bool_(False),
             }
+            if self.on_device:  # identity warp, factors of 1
+                example["matrix"] = np.eye(2, 3, dtype=np.float32)
+                example["jitter"] = np.ones(3, np.float32)
+            return example
         rng = np.random.default_rng([self.seed, int(self.epochs[i]), int(self.positions[i])])
+        example = {"label": np.int32(self.labels[index]), "mask": np.bool_(True)}
+        if self.on_device:
+            matrix, factors = augment_lib.draw(rng, *self.source.shape[:2], self.config)
+            example["matrix"] = matrix.astype(np.float32)
+            example["jitter"] = factors.astype(np.float32)
+            return {"image": self.source[index], **example}
         image = augment_lib.augment(self.source[index], rng, self.config)
         if self.normalize:
             image = augment_lib.normalize(image)
-        return {"image": image, "label": np.int32(self.labels[index]), "mask": np.bool_(True)}
+        return {"image": image, **example}
 
 
 def _batched(
@@ -95,22 +113,41 @@ def _batched(
 
 @dataclasses.dataclass(frozen=True)
 class Epoch:
-    """`steps` batches (of `num_epochs` epochs). `iter(epoch)` is always the same grain
-    iterator, whose get_state()/set_state() save and restore the position (a small dict)."""
+    """`steps` batches (of `num_epochs` epochs, less the `start_step` skipped in the first).
+    `iter(epoch)` is always the same grain iterator, whose get_state()/set_state() save and
+    restore the position (a small dict); `close()` stops its worker processes, also
+    mid-stream (the caller then drops its batches, which live in their shared memory)."""
 
     iterator: grain.DatasetIterator
     steps: int
     num_epochs: int = 1
+    start_step: int = 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.steps // self.num_epochs
+        return (self.steps + self.start_step) // self.num_epochs
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> grain.DatasetIterator:
         return self.iterator
+
+    def close(self) -> None:
+        self.iterator.close()
+
+
+def release_shared_memory() -> None:
+    """Unlink now the worker shared memory of batches the caller has dropped (call after
+    `Epoch.close()` and dropping every batch). grain unlinks each segment from a background
+    thread, and its iterators sit in reference cycles: a process that exits right after a
+    stop would leave segments behind (Python reports them as leaked)."""
+    from grain._src.python.ipc import shared_memory_array  # grain's own deleter thread
+
+    gc.collect()
+    pool = shared_memory_array.SharedMemoryArray._del_thread_pool
+    if pool is not None:
+        pool.apply(lambda: None)  # queued behind the pending unlinks: returns after them
 
 
 def train_table(
@@ -163,18 +200,27 @@ def train_loader(
     labels: np.ndarray | None = None,
     normalize: bool = True,
     num_epochs: int = 1,
+    start_step: int = 0,
 ) -> Epoch:
-    """This process's batches for epochs [epoch, epoch + num_epochs): [global_batch /
-    process_count, H, W, 4] each. Several epochs in one stream keep worker processes (and
-    their prefetch) alive across epoch boundaries; every epoch has the same step count.
+    """This process's batches for epochs [epoch, epoch + num_epochs), from batch
+    `start_step` of the first: [global_batch / process_count, H, W, 4] each. Several epochs
+    in one stream keep worker processes (and their prefetch) alive across epoch boundaries;
+    every epoch has the same step count. A stream started at (epoch, start_step) is exactly
+    the tail of one started at (epoch, 0): that is how a run resumes.
 
     `num_devices` is the global device count; device shards are contiguous, so
     `parallel.shard(batch)` keeps each identity group on one device. Labels
     index `class_names(source_rows, keep_singletons=keep_singletons)` unless `labels`
     (int [N], -1 = no class) gives the caller's own mapping. `normalize=False` yields uint8
     images (4× fewer bytes between worker processes and to the device) for the caller to
-    normalise on the accelerator with `augment.MEAN`/`augment.STD`.
+    normalise on the accelerator with `augment.MEAN`/`augment.STD`. Augmentation runs where
+    `augment_config.where` says (resolved for `jax.default_backend()`); on the device the
+    images stay uint8 and unaugmented, so `normalize` must be False.
     """
+    config = augment_lib.AugmentConfig.of(augment_config)
+    on_device = config.place(jax.default_backend()) == "device"
+    if on_device and normalize:
+        raise ValueError("augment where='device' needs normalize=False (the step normalises)")
     rows = list(source_rows)
     if labels is None:
         labels = label_array(rows, class_names(rows, keep_singletons=keep_singletons))
@@ -183,6 +229,8 @@ def train_loader(
         raise ValueError(f"labels has shape {labels.shape}; expected one per row ({len(rows)},)")
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     columns = sampling.process_columns(global_batch, num_devices, process_index, process_count)
     tables = [
         train_table(
@@ -201,16 +249,20 @@ def train_loader(
     assert all(len(t) == steps for t in tables), (
         "packing gives every epoch the same number of batches"
     )
+    if start_step >= steps:
+        raise ValueError(f"start_step {start_step} is past the epoch's {steps} steps")
     positions = np.arange(tables[0].size).reshape(tables[0].shape)[:, columns].ravel()
+    skip = slice(start_step * width, None)
     example = _Example(
         records.RecordSource(dataset_dir, rows),
-        np.concatenate([t[:, columns].ravel() for t in tables]),
-        np.tile(positions, num_epochs),
-        np.repeat(np.arange(epoch, epoch + num_epochs), steps * width),
+        np.concatenate([t[:, columns].ravel() for t in tables])[skip],
+        np.tile(positions, num_epochs)[skip],
+        np.repeat(np.arange(epoch, epoch + num_epochs), steps * width)[skip],
         labels,
-        augment_lib.AugmentConfig.of(augment_config),
+        config,
         int(seed),
         normalize,
+        on_device,
     )
     dataset = _batched(example, width, worker_count, read_threads)
-    return Epoch(iter(dataset), steps * num_epochs, num_epochs)
+    return Epoch(iter(dataset), steps * num_epochs - start_step, num_epochs, start_step)

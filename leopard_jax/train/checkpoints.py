@@ -1,11 +1,13 @@
 """Orbax checkpoints of a training run: `latest` (resume) and `best` (by held-out DT5AP).
 
 Each checkpoint holds `state` (the unreplicated TrainState pytree) and `progress` (JSON:
-epoch, step within the epoch, best score, skipped steps); one saved mid-epoch also holds
-`data`, the grain iterator's position, written by grain's own orbax handler (one file per
-process). Together they are everything a rerun needs to continue the same stream and end
-exactly where an uninterrupted run ends. Saves are synchronous: a save that returned is on
-disk, so a kill right after loses nothing.
+epoch, step within the epoch, best score, skipped steps): everything a rerun needs to
+continue the same stream (the loader restarts at that epoch and step) and end exactly where
+an uninterrupted run ends. The input stream's position is (epoch, step), not grain's
+iterator state: the device prefetch reads batches ahead of the steps taken, so the
+iterator's own position would skip them; every batch is a function of (seed, epoch,
+position), so restarting the loader there gives the same batches. Saves are synchronous: a
+save that returned is on disk, so a kill right after loses nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import dataclasses
 import pathlib
 from typing import Any
 
-import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,8 +26,9 @@ BEST = "best"
 
 @dataclasses.dataclass
 class Progress:
-    """Where a run is. `step_in_epoch` > 0 means the checkpoint was saved mid-epoch and
-    holds the data iterator's position."""
+    """Where a run is. `step_in_epoch` > 0 means the checkpoint was saved mid-epoch; the
+    loop's input stream restarts at that batch of that epoch (`pipeline.train_loader`'s
+    `start_step`), the same batches whatever was prefetched when it stopped."""
 
     epoch: int = 0  # epochs finished
     step_in_epoch: int = 0
@@ -47,22 +49,13 @@ class RunCheckpoints:
             for name in (LATEST, BEST)
         }
 
-    def save(
-        self,
-        which: str,
-        state: Any,
-        progress: Progress,
-        data: grain.DatasetIterator | None = None,
-    ) -> None:
-        """Save host `state` and `progress` (and the iterator `data`, when mid-epoch) as the
-        checkpoint of step `state.step`."""
+    def save(self, which: str, state: Any, progress: Progress) -> None:
+        """Save host `state` and `progress` as the checkpoint of step `state.step`."""
         host_state = jax.tree.map(np.asarray, state)
         items = {
             "state": ocp.args.StandardSave(host_state),
             "progress": ocp.args.JsonSave(dataclasses.asdict(progress)),
         }
-        if data is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data)
         manager = self._managers[which]
         manager.save(int(host_state.step), args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
@@ -82,17 +75,9 @@ class RunCheckpoints:
                 state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()
             ),
         )
-        saved = restored["progress"]  # older runs also kept the data position here; ignored
+        saved = restored["progress"]  # unknown keys (older runs) are ignored
         fields = [f.name for f in dataclasses.fields(Progress) if f.name in saved]
         return restored["state"], Progress(**{name: saved[name] for name in fields})
-
-    def restore_data(self, which: str, iterator: grain.DatasetIterator) -> None:
-        """Move a fresh iterator of the interrupted epoch to where the checkpoint left it."""
-        manager = self._managers[which]
-        manager.restore(
-            manager.latest_step(),
-            args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)),
-        )
 
     def close(self) -> None:
         for manager in self._managers.values():
@@ -103,5 +88,4 @@ def _handlers() -> dict[str, Any]:
     return {
         "state": ocp.StandardCheckpointHandler(),
         "progress": ocp.JsonCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import pathlib
 import signal
 import sys
@@ -98,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     schedule = state_lib.lr_schedule(config, steps_per_epoch)
     reporter = report.Reporter(workdir, enabled=is_main)
     record: dict[str, Any] = {}
-    iterator = None
+    data = batches = batch = None
     stop = StopSignals()  # SIGTERM/SIGINT from here on: save `latest`, then exit
     try:
         if progress.epoch == 0 and progress.step_in_epoch == 0:
@@ -108,25 +109,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 **evaluation.evaluate(model, rstate, test_images, test_labels, config),
             }
             reporter.write(record)
+        # One input stream for the rest of the run (workers start once), two batches ahead
+        # on the devices; it starts where the checkpoint left off.
+        data = train_data(config, train_rows, train_labels, progress)
+        batches = parallel.prefetch_to_device(data, size=2)
         bad_in_a_row = 0
         for epoch in range(progress.epoch, config.num_epochs):
-            # One epoch of pmapped steps; a mid-epoch checkpoint restores the data position.
-            data = epoch_data(config, train_rows, train_labels, epoch)
-            iterator = iter(data)
-            if progress.step_in_epoch:
-                ckpts.restore_data(checkpoints.LATEST, iterator)
             epoch_on_devices = parallel.replicate(np.int32(epoch))
             meter = EpochMeter()
             bar = tqdm(
-                total=len(data),
+                total=steps_per_epoch,
                 initial=progress.step_in_epoch,
                 unit="step",
                 desc=f"epoch {epoch + 1}/{config.num_epochs}",
                 disable=not is_main,
                 dynamic_ncols=True,
             )
-            for batch in iterator:
-                rstate, logs = p_train_step(rstate, parallel.shard(batch), epoch_on_devices)
+            for batch in itertools.islice(batches, steps_per_epoch - progress.step_in_epoch):
+                rstate, logs = p_train_step(rstate, batch, epoch_on_devices)
                 logs = parallel.unreplicate(logs)
                 progress.step_in_epoch += 1
                 finite = bool(logs["finite"] >= 1)
@@ -136,8 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 meter.add(logs, batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{meter.images_per_s():.1f}")
-                if stop.signum is not None:
-                    raise Interrupted()
+                if stop.signum is not None and progress.step_in_epoch < steps_per_epoch:
+                    raise Interrupted()  # (after an epoch's last step: once it is saved)
             bar.close()
             train_stats = meter.summary()
 
@@ -162,8 +162,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             ckpts.save(checkpoints.LATEST, host_state, progress)
             reporter.write(record)
             reporter.print(record)
+            if stop.signum is not None:
+                raise Interrupted()
     except Interrupted:
-        ckpts.save(checkpoints.LATEST, parallel.unreplicate(rstate), progress, data=iterator)
+        ckpts.save(checkpoints.LATEST, parallel.unreplicate(rstate), progress)
         print(
             f"interrupted: saved {workdir}/checkpoints/latest (epoch {progress.epoch + 1}, "
             f"step {progress.step_in_epoch}); rerun the same command to resume",
@@ -171,6 +173,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         )
         raise SystemExit(128 + stop.signum) from None
     finally:
+        if data is not None:
+            data.close()  # stops the workers, also mid-epoch
+            data = batches = batch = None
+            pipeline.release_shared_memory()
         stop.restore()
         reporter.close()
         ckpts.close()
@@ -268,17 +274,21 @@ class Interrupted(Exception):
     """A stop signal arrived; the loop saves `latest` and exits 128 + the signal."""
 
 
-def epoch_data(
-    config: ml_collections.ConfigDict, train_rows, train_labels, epoch: int
+def train_data(
+    config: ml_collections.ConfigDict, train_rows, train_labels, progress: checkpoints.Progress
 ) -> pipeline.Epoch:
-    """This process's batches of `epoch` (augmented; a fixed order from seed and epoch)."""
+    """This process's batches from (progress.epoch, progress.step_in_epoch) to the end of
+    the run: augmented, a fixed order from seed and epoch, uint8 (normalised, and augmented
+    when config.augment.where resolves to "device", in the step)."""
     return pipeline.train_loader(
         train_rows,
         config.data_dir,
         labels=train_labels,
         global_batch=config.batch_size,
         seed=config.seed,
-        epoch=epoch,
+        epoch=progress.epoch,
+        num_epochs=config.num_epochs - progress.epoch,
+        start_step=progress.step_in_epoch,
         num_devices=jax.device_count(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -286,6 +296,7 @@ def epoch_data(
         augment_config=config.augment.to_dict(),
         worker_count=config.workers,
         keep_singletons=config.keep_singletons,
+        normalize=False,
     )
 
 
@@ -311,11 +322,11 @@ class EpochMeter:
     images: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add(self, logs: dict[str, Any], batch: dict[str, np.ndarray]) -> None:
+    def add(self, logs: dict[str, Any], batch: dict[str, Any]) -> None:
         if logs["finite"] >= 1:
             self.losses.append(float(logs["loss"]))
             self.dt5aps.append(float(logs["batch_dt5ap"]))
-        self.images += int(batch["mask"].sum())
+        self.images += int(np.asarray(batch["mask"]).sum())
 
     def images_per_s(self) -> float:
         elapsed = time.perf_counter() - self.start

@@ -15,7 +15,8 @@ import ml_collections
 import optax
 from jax import lax
 
-from leopard_jax import losses, metrics
+from leopard_jax import inference, losses, metrics
+from leopard_jax.data import device_augment
 from leopard_jax.models.embedding import EmbeddingModel
 from leopard_jax.parallel import AXIS
 from leopard_jax.train.state import TrainState
@@ -35,6 +36,20 @@ def compute_loss(
         loss_config, embeddings, centers, labels, key, epoch
     )
     return loss, used.astype(jnp.float32)
+
+
+def input_images(batch: dict[str, jax.Array]) -> jax.Array:
+    """The batch's images as the model takes them, float32 normalised. The loader sends
+    uint8 (a quarter of float32's bytes), normalised here; with `augment.where="device"`
+    also unaugmented, with each image's drawn `matrix` and `jitter`, applied here first.
+    Float images were normalised on the host and pass through."""
+    images = batch["image"]
+    if "matrix" in batch:
+        images = device_augment.augment_batch(images, batch["matrix"], batch["jitter"])
+        return inference.normalize(images)
+    if images.dtype == jnp.uint8:
+        return inference.normalize(images)
+    return images
 
 
 def train_step(
@@ -57,11 +72,12 @@ def train_step(
     device_rng = jax.random.fold_in(step_rng, lax.axis_index(axis_name))
     dropout_rng, loss_rng = jax.random.split(device_rng)
     labels = batch["label"]
+    images = input_images(batch)
 
     def loss_fn(params):
         embeddings, new_vars = model.apply(
             {"params": params["model"], "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
