@@ -12,7 +12,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # once here rather than inside a timed test. (The demo never imports rembg.)
 WARM_UP := $(BIN)/python -c "import rembg"
 
-.PHONY: demo test lint format bench browser clean
+.PHONY: demo test lint format bench browser clean export-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,20 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# jax2onnx pins orbax-checkpoint<0.11.37, which it never imports: its other requirements come
+# from the `export` extra and jax2onnx itself without dependencies (see pyproject.toml).
+JAX2ONNX := jax2onnx==0.17.1
+
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e ".[test,parity]"
+	$(BIN)/pip install --quiet -e ".[test,parity,export]"
+	$(BIN)/pip install --quiet --no-deps $(JAX2ONNX)
 	$(WARM_UP)
 	touch $@ $(RUNTIME_STAMP)
+
+export-deps: $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e ".[export]"
+	$(BIN)/pip install --quiet --no-deps $(JAX2ONNX)
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/python scripts/demo.py

@@ -1,10 +1,15 @@
 """Embed every record of a dataset directory with an exported model -> `embeddings.npz`.
 
-    python -m leopard_jax.embed --checkpoint WORKDIR_OR_MODEL_DIR --data DATASET_DIR \\
-        --out embeddings.npz [--batch-size 32] [--update] [--dtype float32|bfloat16]
+    python -m leopard_jax.embed --checkpoint WORKDIR_OR_MODEL_DIR_OR_ONNX --data DATASET_DIR \\
+        --out embeddings.npz [--batch-size 32] [--update] [--dtype float32|bfloat16] \\
+        [--backend jax|onnx|auto]
 
-The images go through the one embed path (`inference.embed_images`: jitted, sharded over
-the local devices, compiled once for a dataset of any size). `--update` embeds only records
+The images go through one embed path per backend: `jax` is `inference.embed_images`
+(jitted, sharded over the local devices, compiled once for a dataset of any size); `onnx` is
+`inference.embed_images_onnx` on ONNX Runtime, with a file from `leopard_jax.export` or a
+model dir exported in memory (ONNX Runtime's CPU convolutions are faster than XLA's); `auto`
+takes ONNX Runtime when JAX runs on the CPU at float32, JAX otherwise. The two agree within
+1e-4, and the file's meta records which one ran. `--update` embeds only records
 whose key is not yet in the file and appends them, after checking that the file was made by
 the same weights (a SHA-1 fingerprint of the variables): mixing two models' embeddings in
 one file would make every similarity between them meaningless.
@@ -15,27 +20,31 @@ memory goes straight to `inference.embed_images`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from absl import flags
 
-from leopard_jax import cli, embeddings_io, inference, model_io, models
+from leopard_jax import cli, embeddings_io, export, inference, model_io, models
 from leopard_jax.data import records
 
 DTYPES = tuple(models.DTYPES)  # the model package owns the precision names
+BACKENDS = ("jax", "onnx", "auto")
 
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
     None,
-    "training workdir (its best_model/) or model dir (e.g. from leopard_jax.models.convert)",
+    "training workdir (its best_model/), model dir (e.g. from leopard_jax.models.convert) "
+    "or, for --backend onnx, a .onnx file from leopard_jax.export",
     flag_values=FLAGS,
     required=True,
 )
@@ -53,6 +62,14 @@ _UPDATE = flags.DEFINE_boolean(
     flag_values=FLAGS,
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "compute precision", flag_values=FLAGS)
+_BACKEND = flags.DEFINE_enum(
+    "backend",
+    "jax",
+    BACKENDS,
+    "jax: XLA on the local devices; onnx: ONNX Runtime on the CPU, float32 (a model dir is "
+    "exported in memory first); auto: onnx when JAX runs on the CPU and --dtype is float32",
+    flag_values=FLAGS,
+)
 _NO_PROGRESS = flags.DEFINE_boolean("no-progress", False, "no progress bar", flag_values=FLAGS)
 
 
@@ -101,15 +118,99 @@ def check_input(
         )
 
 
-def embed_rows(
-    model, variables: Any, dataset_dir, rows, *, batch_size: int, progress: bool
-) -> np.ndarray:
+def is_onnx_file(checkpoint) -> bool:
+    return pathlib.Path(checkpoint).suffix.lower() == ".onnx"
+
+
+def choose_backend(backend: str, dtype: str, checkpoint) -> str:
+    """`jax` or `onnx` for --backend (`auto`: ONNX Runtime on the CPU at float32)."""
+    import jax
+
+    if backend not in BACKENDS:
+        raise EmbedError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        cpu = jax.default_backend() == "cpu"
+        backend = "onnx" if is_onnx_file(checkpoint) or (cpu and dtype == "float32") else "jax"
+    if backend == "onnx" and dtype != "float32":
+        raise EmbedError(
+            f"--backend onnx computes in float32, not --dtype {dtype}; drop --dtype or pass "
+            "--backend jax"
+        )
+    if backend == "jax" and is_onnx_file(checkpoint):
+        raise EmbedError(
+            f"--checkpoint {checkpoint}: an ONNX file runs on ONNX Runtime; pass --backend onnx, "
+            "or the model dir it was exported from for --backend jax"
+        )
+    return backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A model ready to embed: what the file's meta records, and the backend's embed path
+    `embed(images, *, batch_size, progress) -> float32 [N, D]`."""
+
+    backend: str
+    path: pathlib.Path  # model dir or .onnx file
+    description: dict[str, Any]
+    weights_sha1: str
+    embed: Callable[..., np.ndarray]
+
+
+def onnx_description(session, meta: dict[str, str], path) -> dict[str, Any]:
+    """model.json as the ONNX file records it, its input taken from the graph itself."""
+    shape = session.get_inputs()[0].shape
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        raise EmbedError(
+            f"{path}: input shape {shape} is not [batch, H, W, C] with a fixed size; "
+            "export the model with `python -m leopard_jax.export`"
+        )
+    _, height, width, channels = shape
+    description = export.description_of(meta)
+    description["input"] = {"height": height, "width": width, "channels": channels}
+    description["model"] = {**description["model"], "in_chans": channels}
+    return description
+
+
+def load(checkpoint, backend: str, dtype: str, settings, dataset_dir) -> Loaded:
+    """The model of `checkpoint` on `backend` (`jax` or `onnx`), after checking that it
+    takes the dataset's records (before the slow part: weights, export)."""
+    if is_onnx_file(checkpoint):
+        path = pathlib.Path(checkpoint).absolute()
+        session, meta = export.load(path)
+        description = onnx_description(session, meta, path)
+        check_input(description, settings, path, dataset_dir)
+        return Loaded(
+            "onnx",
+            path,
+            description,
+            meta[export.META_PREFIX + "model_fingerprint"],
+            functools.partial(inference.embed_images_onnx, session),
+        )
+    path = model_io.resolve_model_dir(checkpoint).absolute()
+    description = model_io.read_description(path)
+    check_input(description, settings, path, dataset_dir)
+    _, variables = model_io.load_model(path)
+    weights_sha1 = fingerprint(variables)
+    if backend == "onnx":
+
+        def embed_onnx(images, **kw):  # exported on first use: --update may need none
+            session, _ = export.load(export.export_model(description, variables, weights_sha1))
+            return inference.embed_images_onnx(session, images, **kw)
+
+        return Loaded("onnx", path, description, weights_sha1, embed_onnx)
+
+    def embed_jax(images, **kw):
+        model = model_io.build_model(description, dtype)
+        return inference.embed_images(model, variables, images, **kw)
+
+    return Loaded("jax", path, description, weights_sha1, embed_jax)
+
+
+def embed_rows(loaded: Loaded, dataset_dir, rows, *, batch_size: int, progress: bool) -> np.ndarray:
     """float32 [N, D] embeddings of `rows` (None: every manifest row) of a dataset."""
     source = records.RecordSource(dataset_dir, rows)
     try:
-        return inference.embed_images(
-            model, variables, source, batch_size=batch_size, progress=progress
-        )
+        return loaded.embed(source, batch_size=batch_size, progress=progress)
     finally:
         source.close()
 
@@ -120,17 +221,15 @@ def embed_dataset(
     *,
     batch_size: int = 32,
     dtype: str = "float32",
+    backend: str = "jax",
     rows: Sequence[dict[str, str]] | None = None,
     progress: bool = False,
 ) -> np.ndarray:
     """float32 [N, D] embeddings of `rows` (default: all manifest rows) of a dataset with
-    an exported model (model dir or training workdir)."""
-    model_dir = model_io.resolve_model_dir(checkpoint).absolute()
-    description = model_io.read_description(model_dir)
-    check_input(description, records.load_settings(dataset_dir), model_dir, dataset_dir)
-    _, variables = model_io.load_model(model_dir)
-    model = model_io.build_model(description, dtype)
-    return embed_rows(model, variables, dataset_dir, rows, batch_size=batch_size, progress=progress)
+    an exported model (model dir, training workdir or, for `backend="onnx"`, .onnx file)."""
+    backend = choose_backend(backend, dtype, checkpoint)
+    loaded = load(checkpoint, backend, dtype, records.load_settings(dataset_dir), dataset_dir)
+    return embed_rows(loaded, dataset_dir, rows, batch_size=batch_size, progress=progress)
 
 
 # --------------------------------------------------------------------------- the file
@@ -143,15 +242,15 @@ def version() -> str:
         return "unknown"
 
 
-def make_meta(
-    model_dir, description, weights_sha1: str, dtype: str, settings, dataset_dir
-) -> dict[str, Any]:
+def make_meta(loaded: Loaded, dtype: str, settings, dataset_dir) -> dict[str, Any]:
+    description = loaded.description
     return {
         "model": description,
-        "checkpoint": str(model_dir),
+        "checkpoint": str(loaded.path),
         "checkpoint_step": description.get("info", {}).get("step"),
-        "model_fingerprint": weights_sha1,
+        "model_fingerprint": loaded.weights_sha1,
         "dtype": dtype,
+        "backend": loaded.backend,
         "preprocessing": settings,
         "dataset": str(pathlib.Path(dataset_dir).absolute()),
         "version": version(),
@@ -199,6 +298,7 @@ def run(
     batch_size: int = 32,
     update: bool = False,
     dtype: str = "float32",
+    backend: str = "jax",
     progress: bool = True,
     log=print,
 ) -> embeddings_io.Embeddings:
@@ -219,15 +319,12 @@ def run(
         raise EmbedError(
             f"{dataset_dir}: duplicate record keys; re-run preprocess into a new folder"
         )
-    model_dir = model_io.resolve_model_dir(checkpoint).absolute()
-    description = model_io.read_description(model_dir)
-    check_input(description, settings, model_dir, dataset_dir)  # before the (slow) weight load
-
+    backend = choose_backend(backend, dtype, checkpoint)
     existing = None
     if update and pathlib.Path(out).exists():
         existing = embeddings_io.read(out)
-    _, variables = model_io.load_model(model_dir)
-    meta = make_meta(model_dir, description, fingerprint(variables), dtype, settings, dataset_dir)
+    loaded = load(checkpoint, backend, dtype, settings, dataset_dir)
+    meta = make_meta(loaded, dtype, settings, dataset_dir)
     if existing is not None:
         check_same_model(existing, meta, out)
         known = set(existing.keys.tolist())
@@ -239,10 +336,7 @@ def run(
             )
             return existing
 
-    model = model_io.build_model(description, dtype)
-    vectors = embed_rows(
-        model, variables, dataset_dir, rows, batch_size=batch_size, progress=progress
-    )
+    vectors = embed_rows(loaded, dataset_dir, rows, batch_size=batch_size, progress=progress)
     new = embeddings_io.make(vectors, meta=meta, **rows_to_columns(rows, dataset_dir))
     if existing is not None:
         datasets = set(existing.meta.get("datasets", [existing.meta.get("dataset")]))
@@ -264,6 +358,7 @@ def command(argv: list[str]) -> None:
         batch_size=_BATCH_SIZE.value,
         update=_UPDATE.value,
         dtype=_DTYPE.value,
+        backend=_BACKEND.value,
         progress=not _NO_PROGRESS.value,
     )
 
@@ -274,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         embeddings_io.EmbeddingsFileError,
         records.DatasetError,
         model_io.ModelDirError,
+        export.ExportError,
     )
     return cli.run(FLAGS, command, argv, errors=errors, prog="python -m leopard_jax.embed")
 

@@ -12,6 +12,9 @@ computation:
 - uint8 crosses to the device and is normalised there (a quarter of float32's traffic),
   with the training input's constants (`augment.MEAN`, `augment.STD`);
 - the next batch is read and stacked in a thread while the devices run this one.
+
+`embed_images_onnx` is the same contract on ONNX Runtime (a file from `leopard_jax.export`,
+which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions beat XLA's.
 """
 
 from __future__ import annotations
@@ -116,4 +119,39 @@ def embed_images(
                 collect(pending)  # waits for the previous batch while this one runs
             pending = (min(size, n - start), result)
         collect(pending)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def embed_images_onnx(
+    session: Any,
+    images: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """float32 [N, D] embeddings of uint8 H×W×C `images`, in order, by an ONNX Runtime
+    `session` of an exported model (`export.load`): `embed_images` on ONNX Runtime."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    n = len(images)
+    (output,) = session.get_outputs()
+    if n == 0:
+        return np.zeros((0, output.shape[-1]), np.float32)
+    name = session.get_inputs()[0].name
+    out: list[np.ndarray] = []
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as reader,
+        tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar,
+    ):
+        # the dynamic batch axis takes the short last batch as it is: no padding
+        next_batch = reader.submit(host_batch, images, 0, min(batch_size, n))
+        for start in range(0, n, batch_size):
+            batch = next_batch.result()
+            following = start + batch_size
+            if following < n:
+                next_batch = reader.submit(
+                    host_batch, images, following, min(batch_size, n - following)
+                )
+            out.append(session.run(None, {name: batch})[0])
+            bar.update(len(batch))
     return np.concatenate(out).astype(np.float32, copy=False)

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from leopard_jax import embed, embeddings_io, inference, model_io
+from leopard_jax import embed, embeddings_io, export, inference, model_io
 from leopard_jax.data import records
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -139,6 +139,13 @@ class CountingEmbed:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_random_model(tmp_path_factory.mktemp("model") / "m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert export.main(["--checkpoint", str(model_dir), "--out", str(out)]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +355,55 @@ def test_bfloat16_stays_close_to_float32(synthetic, model_dir, tmp_path):
     )
     assert half.embeddings.dtype == np.float32 and half.meta["dtype"] == "bfloat16"
     assert np.min(np.sum(full.embeddings * half.embeddings, axis=1)) > 0.99
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_onnx_backend_writes_the_same_embeddings(synthetic, model_dir, onnx_file, tmp_path):
+    """ONNX Runtime (a .onnx file, or the model dir exported in memory) and JAX write the
+    same file within 1e-4; the meta says which ran, and --update mixes them (same weights)."""
+    quiet = {"batch_size": BATCH, "progress": False, "log": lambda _: None}
+    on_jax = embed.run(model_dir, synthetic, tmp_path / "j.npz", backend="jax", **quiet)
+    assert (
+        embed.main(
+            ["--checkpoint", str(onnx_file), "--data", str(synthetic), "--out"]
+            + [str(tmp_path / "o.npz"), "--backend", "onnx", "--no-progress"]
+        )
+        == 0
+    )
+    from_file = embeddings_io.read(tmp_path / "o.npz")
+    in_memory = embed.run(model_dir, synthetic, tmp_path / "m.npz", backend="onnx", **quiet)
+    assert on_jax.meta["backend"] == "jax"
+    for result in (from_file, in_memory):
+        assert result.meta["backend"] == "onnx"
+        assert result.meta["model_fingerprint"] == on_jax.meta["model_fingerprint"]
+        assert result.meta["model"]["model"]["backbone"] == "resnet18"
+        np.testing.assert_array_equal(result.keys, on_jax.keys)
+        np.testing.assert_allclose(result.embeddings, on_jax.embeddings, atol=1e-4)
+        assert np.min(np.sum(result.embeddings * on_jax.embeddings, axis=1)) >= 0.99999
+    lines = []
+    embed.run(
+        onnx_file, synthetic, tmp_path / "j.npz", backend="auto", update=True, log=lines.append
+    )
+    assert "nothing new" in lines[-1]
+
+
+def test_backend_misuse_is_a_one_line_error(synthetic, model_dir, onnx_file, tmp_path, capsys):
+    small = write_dataset(
+        tmp_path / "small", synthetic_items(2, height=16, width=64), height=16, width=64
+    )
+    cases = [
+        ([str(onnx_file), str(small), "onnx"], "16x64 (HxW) but the model in"),
+        ([str(onnx_file), str(synthetic), "jax"], "pass --backend onnx, or the model dir"),
+        ([str(model_dir), str(synthetic), "onnx", "--dtype", "bfloat16"], "pass --backend jax"),
+    ]
+    for (checkpoint, data, backend, *rest), message in cases:
+        argv = ["--checkpoint", checkpoint, "--data", data, "--backend", backend, *rest]
+        assert embed.main(argv + ["--out", str(tmp_path / "e.npz")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "e.npz").exists()
 
 
 # --------------------------------------------------------------------------- refusals
