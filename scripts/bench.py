@@ -1,8 +1,14 @@
 """Throughput of leopard_jax against a PyTorch/cv2 reference, measured in one process run.
 
-    python scripts/bench.py [train|embed|data|preprocess|all] [--batch B] [--size H,W]
-        [--json OUT] [--device cpu|gpu] [--dtype float32|bfloat16] [--steps N]
-        [--u2netp U2NETP.onnx] [--yolox YOLOX_NANO.onnx]
+    python scripts/bench.py [train|embed|embed_onnx|data|preprocess|local|input|all]
+        [--batch B] [--size H,W] [--json OUT] [--device cpu|gpu] [--dtype float32|bfloat16]
+        [--steps N] [--u2netp U2NETP.onnx] [--yolox YOLOX_NANO.onnx] [--step-ms 206]
+
+`embed_onnx` (scripts/bench_onnx.py) races the exported ONNX model in ONNX Runtime against
+the same reference as `embed`; `local` (scripts/bench_local.py) and `input`
+(scripts/bench_input.py: loader-only images/s, the real training loop with a stand-in step
+of --step-ms as a fraction of the stand-in's rate, the epoch-boundary stall; batch 64 at
+256×512 as its targets are stated) have no reference side and report their own figures.
 
 For each part both sides run in this process, alternating (leopard_jax k steps, reference
 k steps, repeat) after warm-up, so a machine that is busy or throttles hurts both alike.
@@ -50,10 +56,10 @@ sys.path.insert(0, str(_HERE.parent))
 
 from leopard_jax import cli  # noqa: E402  (after the path: runs from a checkout too)
 
-PARTS = ("train", "embed", "data", "preprocess", "local")
+PARTS = ("train", "embed", "embed_onnx", "data", "preprocess", "local", "input")
 # data: long rounds, because a loader's read-ahead (up to a few batches made while the last
 # drained batch was awaited) inflates short rounds; 6-batch rounds overstated grain 3x here.
-DEFAULT_STEPS = {"train": 6, "embed": 10, "data": 40, "preprocess": 8}
+DEFAULT_STEPS = {"train": 6, "embed": 10, "embed_onnx": 10, "data": 40, "preprocess": 8}
 NUM_CLASSES = 882  # the paper's CosFace classes: 1191 training individuals less 309 singletons
 # First-step agreement (same weights, batch, centres). fp32 differences come from conv
 # algorithms and summation order; bf16 rounds every activation.
@@ -99,6 +105,13 @@ _CLASSES = flags.DEFINE_integer(
 )
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "torch threads (0: the cores JAX sees)", lower_bound=0, flag_values=FLAGS
+)
+_STEP_MS = flags.DEFINE_float(
+    "step-ms",
+    206.0,
+    "input part: the stand-in step's duration (the H200 bf16 rate scaled to 2 of 16 cores)",
+    lower_bound=0.0,
+    flag_values=FLAGS,
 )
 _U2NETP = flags.DEFINE_string(
     "u2netp", None, "u2netp .onnx: bench the rembg stage (skipped without)", flag_values=FLAGS
@@ -960,6 +973,24 @@ def preprocess_part(cfg: Config) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 
+def embed_onnx_part(cfg: Config) -> dict:
+    """`embed` with ONNX Runtime on the exported model as leopard_jax's side (CPU, fp32)."""
+    if cfg.device != "cpu" or cfg.dtype != "float32":
+        return {"part": "embed_onnx", "skipped": "ONNX Runtime runs float32 on the CPU only"}
+    import bench_onnx
+
+    return bench_onnx.embed_onnx_part(cfg)
+
+
+def input_part(cfg: Config) -> dict:
+    """The input path's own figures: loader-only images/s, end-to-end fraction of a
+    stand-in step's rate over 3 epochs, the epoch-boundary stall."""
+    import bench_input
+
+    del cfg  # batch 64 at 256×512 with the machine's cores, as its targets are stated
+    return {"part": "input", "figures": bench_input.input_part(step_ms=_STEP_MS.value)}
+
+
 def local_part(cfg: Config) -> dict:
     """The local-feature matcher's own figures (no reference side): extraction ms per crop
     per core, matching + verification ms per pair, re-ranking 1000 queries × top-20."""
@@ -1028,8 +1059,12 @@ def run(
         if part in ("train", "embed"):
             models = models or build_models(cfg)
             found = train_part(cfg, models) if part == "train" else embed_part(cfg, models)
+        elif part == "embed_onnx":
+            found = embed_onnx_part(cfg)
         elif part == "local":
             found = local_part(cfg)
+        elif part == "input":
+            found = input_part(cfg)
         else:
             try:
                 found = data_part(cfg) if part == "data" else preprocess_part(cfg)
