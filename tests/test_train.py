@@ -73,7 +73,9 @@ def overrides(dataset: pathlib.Path, **extra) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def run_train(workdir, dataset, cache_dir, *, devices=1, extra_env=None, check=True, **extra):
+def train_command(workdir, dataset, cache_dir, *, devices=1, extra_env=None, **extra):
+    """(argv, env) of the real training command on `devices` simulated devices, sharing
+    the tests' persistent compilation cache."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
@@ -89,6 +91,18 @@ def run_train(workdir, dataset, cache_dir, *, devices=1, extra_env=None, check=T
         str(workdir),
         *overrides(dataset, **extra),
     ]
+    return cmd, env
+
+
+def start_train(workdir, dataset, cache_dir, **extra) -> subprocess.Popen:
+    cmd, env = train_command(workdir, dataset, cache_dir, **extra)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run_train(workdir, dataset, cache_dir, *, check=True, **extra):
+    cmd, env = train_command(workdir, dataset, cache_dir, **extra)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -218,25 +232,7 @@ def test_sigterm_saves_latest_and_the_rerun_ends_where_a_straight_run_ends(
     """SIGTERM as soon as epoch 1 is logged (mid-epoch 2 when it lands in time): the run
     saves `latest` and exits 143; the rerun resumes mid-epoch and ends with the straight
     run's parameters either way."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "leopard_jax.train",
-        "--config",
-        str(DEMO_CONFIG),
-        "--workdir",
-        str(tmp_path),
-        *overrides(dataset, num_epochs=2),
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_train(tmp_path, dataset, cache_dir, num_epochs=2)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
@@ -316,25 +312,7 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, dataset, 
 def test_a_run_stopped_mid_epoch_with_workers_leaks_no_shared_memory(tmp_path, dataset, cache_dir):
     """Two grain worker processes, SIGTERM once the first epoch's steps are under way: the
     run saves `latest`, stops its input stream and exits without leaked shared memory."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "leopard_jax.train",
-        "--config",
-        str(DEMO_CONFIG),
-        "--workdir",
-        str(tmp_path),
-        *overrides(dataset, num_epochs=3, workers=2),
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_train(tmp_path, dataset, cache_dir, num_epochs=3, workers=2)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
