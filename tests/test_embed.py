@@ -82,9 +82,11 @@ def synthetic_items(n: int, seed: int = 0, height: int = HEIGHT, width: int = WI
         yield row, rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
 
 
-def random_variables(model, shape, seed: int):
+def random_variables(model, shape, seed: int, *, kernel_gain=2.0, var_spread=0.5, noise=0.1):
     """Seeded random weights and batch-norm statistics from the variable shapes alone
-    (jax.eval_shape): no compilation of `init`, which costs more than the tests on CPU."""
+    (jax.eval_shape): no compilation of `init`, which costs more than the tests on CPU.
+    Kernels ~ N(0, kernel_gain / fan_in), variances in 1 ± var_spread, scales, biases and
+    means perturbed by `noise`."""
     import jax
     import jax.numpy as jnp
 
@@ -93,12 +95,13 @@ def random_variables(model, shape, seed: int):
     def fill(path, leaf):
         name, size = path[-1].key, leaf.shape
         if name == "kernel":
-            return rng.normal(0, np.sqrt(2 / np.prod(size[:-1])), size).astype(np.float32)
+            fan_in = np.prod(size[:-1])
+            return rng.normal(0, np.sqrt(kernel_gain / fan_in), size).astype(np.float32)
         if name == "var":
-            return rng.uniform(0.5, 1.5, size).astype(np.float32)
+            return rng.uniform(1 - var_spread, 1 + var_spread, size).astype(np.float32)
         if name == "scale":
-            return (1 + 0.1 * rng.normal(size=size)).astype(np.float32)
-        return (0.1 * rng.normal(size=size)).astype(np.float32)  # bias, mean
+            return (1 + noise * rng.normal(size=size)).astype(np.float32)
+        return (noise * rng.normal(size=size)).astype(np.float32)  # bias, mean
 
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
     return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import onnx
 import pytest
-from test_embed import HEIGHT, WIDTH
+from test_embed import HEIGHT, WIDTH, random_variables
 
 from leopard_jax import embed, export, inference, model_io
 from leopard_jax.models.embedding import EmbeddingModel
@@ -22,22 +22,7 @@ def mild_random_variables(model, shape, seed: int):
     """Seeded random weights with batch-norm statistics near their defaults: a random deep
     net with strongly perturbed statistics is so ill-conditioned that float32 rounding
     alone (any two correct implementations) differs by more than 1e-4."""
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, size = path[-1].key, leaf.shape
-        if name == "kernel":
-            return rng.normal(0, np.sqrt(1 / np.prod(size[:-1])), size).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.9, 1.1, size).astype(np.float32)
-        if name == "scale":
-            return (1 + 0.05 * rng.normal(size=size)).astype(np.float32)
-        return (0.05 * rng.normal(size=size)).astype(np.float32)  # bias, mean
-
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return random_variables(model, shape, seed, kernel_gain=1.0, var_spread=0.1, noise=0.05)
 
 
 @pytest.fixture(scope="module")
