@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 
 
-def _spots(seed: int, size=(256, 512)) -> np.ndarray:
+def spots(seed: int, size=(256, 512)) -> np.ndarray:
+    """A grey flank-like pattern: random dark rosettes on a textured background (the tests
+    match on it too)."""
     rng = np.random.default_rng(seed)
     image = np.full(size, 170, np.uint8)
     for _ in range(90):
@@ -40,7 +42,7 @@ def bench_local(queries: int = 1000, top_k: int = 20, images: int = 16, pairs: i
     from leopard_jax.local import features, matching
 
     cv2.setNumThreads(1)  # per core
-    crops = [_spots(i) for i in range(images)]
+    crops = [spots(i) for i in range(images)]
     warped = [_warp(c, i) for i, c in enumerate(crops)]
     features.extract(crops[0])  # warm-up
     start = time.perf_counter()

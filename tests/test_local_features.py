@@ -3,21 +3,16 @@ mutual-NN ratio matcher against a plain-loop reference, and verification of a wa
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import cv2
 import numpy as np
 
 from leopard_jax.local import features, matching
 
-
-def spots(seed: int, size=(256, 512)) -> np.ndarray:
-    """A grey flank-like pattern: random dark rosettes on a textured background."""
-    rng = np.random.default_rng(seed)
-    image = np.full(size, 170, np.uint8)
-    for _ in range(90):
-        x, y = int(rng.integers(0, size[1])), int(rng.integers(0, size[0]))
-        axes = (int(rng.integers(5, 16)), int(rng.integers(4, 11)))
-        cv2.ellipse(image, (x, y), axes, float(rng.uniform(0, 180)), 0, 360, 40, 3)
-    return cv2.GaussianBlur(image, (3, 3), 0)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+from bench_local import spots  # noqa: E402  (the bench's pattern: one generator for both)
 
 
 def warp(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
