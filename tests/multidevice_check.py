@@ -57,14 +57,8 @@ def main(dataset: str, n_devices: int) -> None:
             normalize=False,  # uint8: the step normalises (and augments, where="device")
         ):
             rstate, logs = p_step(rstate, parallel.shard(batch, n), epoch)
-            losses.append(float(np.ravel(parallel.unreplicate(logs)["loss"])[0]))
-        # reshaped: over a subset of the local devices, flax's unreplicate keeps the device axis
-        params = jax.tree.map(
-            lambda x, ref: np.reshape(x, np.shape(ref)),
-            parallel.unreplicate(rstate).params,
-            state.params,
-        )
-        params = traverse_util.flatten_dict(params, sep="/")
+            losses.append(float(parallel.unreplicate(logs)["loss"]))
+        params = traverse_util.flatten_dict(parallel.unreplicate(rstate).params, sep="/")
         result[n] = (losses, params)
     (losses_1, params_1), (losses_n, params_n) = result[1], result[n_devices]
     print(
