@@ -11,7 +11,8 @@ computation:
   dataset of any size, and the trainer's evaluation every epoch, compile once;
 - uint8 crosses to the device and is normalised there (a quarter of float32's traffic),
   with the training input's constants (`augment.MEAN`, `augment.STD`);
-- the next batch is read and stacked in a thread while the devices run this one.
+- the next READ_AHEAD batches are read and stacked in threads while the devices run this
+  one, and each goes to the devices as soon as it is stacked (`parallel.put_sharded`).
 
 `embed_images_onnx` is the same contract on ONNX Runtime (a file from `leopard_jax.export`,
 which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions beat XLA's.
@@ -19,6 +20,7 @@ which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 from collections.abc import Callable, Sequence
@@ -32,6 +34,8 @@ from tqdm import tqdm
 
 from leopard_jax import parallel
 from leopard_jax.data import augment
+
+READ_AHEAD = 2  # batches read ahead of the one on the devices, as the training input
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -97,9 +101,10 @@ def embed_images(
     if not replicated:
         variables = parallel.replicate(variables)
 
+    starts = range(0, n, size)
     out: list[np.ndarray] = []
     with (
-        concurrent.futures.ThreadPoolExecutor(1) as reader,
+        concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as reader,
         tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar,
     ):
 
@@ -108,13 +113,15 @@ def embed_images(
             out.append(parallel.unshard(result)[:count])
             bar.update(count)
 
-        next_batch = reader.submit(host_batch, images, 0, size)
+        reads = collections.deque(
+            reader.submit(host_batch, images, start, size) for start in starts[:READ_AHEAD]
+        )
         pending = None
-        for start in range(0, n, size):
-            batch = next_batch.result()
-            if start + size < n:
-                next_batch = reader.submit(host_batch, images, start + size, size)
-            result = forward(variables, parallel.shard(batch, num_devices))  # asynchronous
+        for i, start in enumerate(starts):
+            batch = reads.popleft().result()
+            if i + READ_AHEAD < len(starts):
+                reads.append(reader.submit(host_batch, images, starts[i + READ_AHEAD], size))
+            result = forward(variables, parallel.put_sharded(batch))  # asynchronous
             if pending is not None:
                 collect(pending)  # waits for the previous batch while this one runs
             pending = (min(size, n - start), result)

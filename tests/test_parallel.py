@@ -1,5 +1,7 @@
 """leopard_jax.parallel: the one pmap wiring (replicate / shard / unshard / unreplicate)."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,17 @@ def test_replicate_then_unreplicate_round_trips_a_pytree():
     back = parallel.unreplicate(replicated)
     np.testing.assert_array_equal(back["w"], tree["w"])
     assert back["step"] == 7 and isinstance(back["w"], np.ndarray)
+
+
+def test_unreplicated_arrays_own_their_memory_and_outlive_a_donating_step():
+    """Host copies, not views of the device buffer: the next donating step neither changes
+    them nor has to copy a buffer they still hold."""
+    replicated = parallel.replicate({"w": np.arange(6, dtype=np.float32)})
+    back = parallel.unreplicate(replicated)
+    assert back["w"].flags["OWNDATA"] and back["w"].flags["WRITEABLE"]
+    step = jax.pmap(lambda t: jax.tree.map(lambda a: a * 0, t), donate_argnums=0)
+    jax.block_until_ready(step(replicated))
+    np.testing.assert_array_equal(back["w"], np.arange(6, dtype=np.float32))
 
 
 def test_replicated_layout_is_what_a_pmapped_step_returns():
@@ -40,6 +53,13 @@ def test_shard_refuses_a_batch_that_does_not_divide():
         parallel.shard({"x": np.zeros((4, 2))}, num_devices=3)
 
 
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_prefetch_to_device_yields_the_sharded_batches_reading_size_ahead():
     taken = []
 
@@ -48,14 +68,38 @@ def test_prefetch_to_device_yields_the_sharded_batches_reading_size_ahead():
             taken.append(i)
             yield {"x": np.full((2 * jax.local_device_count(), 3), i, np.float32)}
 
-    stream = parallel.prefetch_to_device(batches(), size=2)
-    first = next(stream)
-    assert taken == [0, 1, 2]  # the batch handed over and the next `size`, no more
-    expected = parallel.shard({"x": np.zeros((2 * jax.local_device_count(), 3), np.float32)})
-    np.testing.assert_array_equal(np.asarray(first["x"]), expected["x"])
-    rest = list(stream)
-    assert [int(np.asarray(b["x"])[0, 0, 0]) for b in rest] == [1, 2, 3, 4]
-    step = jax.pmap(lambda t: t["x"] + 1, axis_name=parallel.AXIS)
-    assert step(first).sharding == first["x"].sharding  # laid out as pmap lays out its own
+    with parallel.prefetch_to_device(batches(), size=2) as stream:
+        first = next(stream)
+        _wait_for(lambda: len(taken) >= 3)
+        time.sleep(0.2)
+        assert taken == [0, 1, 2]  # the batch handed over and the next `size`, no more
+        expected = parallel.shard({"x": np.zeros((2 * jax.local_device_count(), 3), np.float32)})
+        np.testing.assert_array_equal(np.asarray(first["x"]), expected["x"])
+        second = next(stream)
+        _wait_for(lambda: len(taken) >= 4)
+        rest = [second, *stream]
+        assert [int(np.asarray(b["x"])[0, 0, 0]) for b in rest] == [1, 2, 3, 4]
+        step = jax.pmap(lambda t: t["x"] + 1, axis_name=parallel.AXIS)
+        assert step(first).sharding == first["x"].sharding  # laid out as pmap lays out its own
     with pytest.raises(ValueError, match="prefetch size"):
-        next(parallel.prefetch_to_device(batches(), size=0))
+        parallel.prefetch_to_device(batches(), size=0)
+
+
+def test_prefetch_hands_a_reading_error_to_the_consumer_and_close_stops_the_thread():
+    def failing():
+        yield {"x": np.zeros((jax.local_device_count(), 1), np.float32)}
+        raise OSError("corrupt record 7")
+
+    stream = parallel.prefetch_to_device(failing(), size=2)
+    next(stream)
+    with pytest.raises(OSError, match="corrupt record 7"):
+        next(stream)
+
+    endless = parallel.prefetch_to_device(
+        ({"x": np.zeros((jax.local_device_count(), 1), np.float32)} for _ in iter(int, 1)), size=2
+    )
+    next(endless)
+    endless.close()
+    assert not endless._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(endless)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from leopard_jax.train import checkpoints
 from leopard_jax.train.state import TrainState
@@ -47,3 +48,28 @@ def test_end_of_epoch_checkpoint_replaces_the_mid_epoch_one(tmp_path):
     ckpts.close()
     step_dirs = list((tmp_path / "checkpoints" / "latest").iterdir())
     assert [p.name for p in step_dirs if p.name.isdigit()] == ["5"]
+
+
+def test_saves_are_written_in_order_behind_the_caller_and_a_failed_write_is_raised(tmp_path):
+    """`save` queues; `after_saves` runs once the saves before it are on disk; `wait`
+    raises a write's error instead of losing it."""
+    ckpts = checkpoints.RunCheckpoints(tmp_path)
+    ckpts.save(checkpoints.LATEST, _state(3), checkpoints.Progress(epoch=2))
+    seen = []
+    ckpts.after_saves(
+        lambda: seen.append(sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir()))
+    )
+    ckpts.wait()
+    assert seen == [["3"]]
+
+    def fail():
+        raise OSError("disk full")
+
+    ckpts.after_saves(fail)
+    with pytest.raises(OSError, match="disk full"):
+        ckpts.wait()
+    ckpts.close()
+    restored, progress = checkpoints.RunCheckpoints(tmp_path).restore(checkpoints.LATEST, _state(0))
+    assert progress == checkpoints.Progress(epoch=2)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(_state(3)), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -121,3 +121,59 @@ def test_the_step_normalises_uint8_and_applies_drawn_augmentation_on_device():
     np.testing.assert_array_equal(np.asarray(steps.input_images(drawn)), np.asarray(expected))
     floats = jnp.asarray(augment.normalize(image))
     assert steps.input_images({"image": floats}) is floats
+
+
+# bf16 keeps 8 mantissa bits (~0.4 % per rounding); the loss multiplies cosines by the scale
+# (16 here), so the network's accumulated rounding shows up magnified: 3.0 % measured on this
+# batch. 5 % is the stated tolerance for one step.
+BF16_LOSS_RTOL = 0.05
+
+
+def test_one_bfloat16_step_trains_fp32_parameters_to_the_fp32_loss():
+    """config.model.dtype="bfloat16": bf16 compute on float32 parameters, a float32 loss
+    within BF16_LOSS_RTOL of the float32 model's on the same batch and parameters, and
+    float32 parameters, optimiser state and batch statistics after the step."""
+    import functools
+
+    import optax
+
+    from configs import demo
+    from leopard_jax.train import state as state_lib
+
+    config = demo.get_config()
+    config.model.backbone, config.model.dims = "resnet18", 16
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (2, 32, 64, 4))
+    images = np.clip(patterns.repeat(4, 0) + rng.normal(0, 20, (8, 32, 64, 4)), 0, 255)
+    batch = {
+        "image": images.astype(np.uint8),
+        "label": np.repeat(np.arange(2, dtype=np.int32), 4),
+        "mask": np.ones(8, np.float32),
+    }
+    tx = optax.adam(1e-3)
+    state = None
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        config.model.dtype = dtype
+        model = state_lib.build_model(config.model)
+        if state is None:  # one set of float32 parameters for both
+            state = state_lib.init_state(
+                config, model, num_classes=2, input_shape=(32, 64, 4), tx=tx
+            )
+        step = functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss)
+        p_step = jax.pmap(step, axis_name=parallel.AXIS, devices=jax.devices()[:1])
+        device = jax.devices()[:1]
+        new_state, logs = p_step(
+            parallel.replicate(state, device),
+            parallel.shard(batch, 1),
+            parallel.replicate(np.int32(0), device),
+        )
+        results[dtype] = (parallel.unreplicate(new_state), parallel.unreplicate(logs))
+
+    (_, fp32_logs), (bf16_state, bf16_logs) = results["float32"], results["bfloat16"]
+    assert bf16_logs["finite"] == 1.0 and bf16_logs["loss"].dtype == np.float32
+    np.testing.assert_allclose(bf16_logs["loss"], fp32_logs["loss"], rtol=BF16_LOSS_RTOL)
+    assert abs(float(bf16_logs["loss"]) - float(fp32_logs["loss"])) > 0  # bf16 did compute
+    for tree in (bf16_state.params, bf16_state.opt_state, bf16_state.batch_stats):
+        floats = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating)]
+        assert floats and all(x.dtype == np.float32 for x in floats)

@@ -93,14 +93,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         axis_name=parallel.AXIS,
         donate_argnums=(0,),
     )
-    p_sync_batch_stats = jax.pmap(steps.sync_batch_stats, axis_name=parallel.AXIS)
     rstate = parallel.replicate(host_state)
     description = model_description(config, fixed_model_kwargs, input_shape, len(classes))
     schedule = state_lib.lr_schedule(config, steps_per_epoch)
+    float(schedule(0))  # its few ops compile here, not at the first epoch boundary
     reporter = report.Reporter(workdir, enabled=is_main)
     record: dict[str, Any] = {}
-    data = batches = batch = None
+    data = batches = batch = pending = None
     stop = StopSignals()  # SIGTERM/SIGINT from here on: save `latest`, then exit
+    started = time.perf_counter()
     try:
         if progress.epoch == 0 and progress.step_in_epoch == 0:
             record = {
@@ -110,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             }
             reporter.write(record)
         # One input stream for the rest of the run (workers start once), two batches ahead
-        # on the devices; it starts where the checkpoint left off.
+        # on the devices, read by a thread of its own; it starts where the checkpoint left off.
         data = train_data(config, train_rows, train_labels, progress)
         batches = parallel.prefetch_to_device(data, size=2)
         bad_in_a_row = 0
@@ -125,24 +126,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 disable=not is_main,
                 dynamic_ncols=True,
             )
+            # Step n+1 is dispatched before step n's logs are read, so the devices always
+            # have the next step queued while the host reads logs and refills the prefetch.
+            pending = None
             for batch in itertools.islice(batches, steps_per_epoch - progress.step_in_epoch):
                 rstate, logs = p_train_step(rstate, batch, epoch_on_devices)
-                logs = parallel.unreplicate(logs)
                 progress.step_in_epoch += 1
-                finite = bool(logs["finite"] >= 1)
-                bad_in_a_row = 0 if finite else bad_in_a_row + 1
-                progress.skipped_steps += not finite
-                check_finite(bad_in_a_row, config, epoch, workdir)
-                meter.add(logs, batch)
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{meter.images_per_s():.1f}")
+                if pending is not None:
+                    bad_in_a_row = account_step(*pending, meter, bar, progress, bad_in_a_row)
+                    check_finite(bad_in_a_row, config, epoch, workdir)
+                pending = (logs, batch["mask"])
                 if stop.signum is not None and progress.step_in_epoch < steps_per_epoch:
+                    account_step(*pending, meter, bar, progress, bad_in_a_row)
                     raise Interrupted()  # (after an epoch's last step: once it is saved)
+            if pending is not None:
+                bad_in_a_row = account_step(*pending, meter, bar, progress, bad_in_a_row)
+                check_finite(bad_in_a_row, config, epoch, workdir)
             bar.close()
             train_stats = meter.summary()
 
-            # End of epoch: sync batch norm, evaluate, keep the best, checkpoint, report.
-            rstate = p_sync_batch_stats(rstate)
+            # End of epoch: evaluate, keep the best, checkpoint, report. (Batch-norm
+            # statistics need no sync: every step averages them over all devices.)
             host_state = parallel.unreplicate(rstate)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             record = {
@@ -151,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 **train_stats,
                 "learning_rate": float(schedule(int(host_state.step))),
                 "skipped_steps": progress.skipped_steps,
+                "uptime_s": time.perf_counter() - started,  # rates over boundaries too
             }
             if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
                 record.update(evaluation.evaluate(model, rstate, test_images, test_labels, config))
@@ -158,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     progress.best_dt5ap = record["test_DT5AP"]
                     ckpts.save(checkpoints.BEST, host_state, progress)
                     if is_main:
-                        export_best(workdir, host_state, description, record)
+                        ckpts.after_saves(export_best, workdir, host_state, description, record)
             ckpts.save(checkpoints.LATEST, host_state, progress)
             reporter.write(record)
             reporter.print(record)
@@ -166,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 raise Interrupted()
     except Interrupted:
         ckpts.save(checkpoints.LATEST, parallel.unreplicate(rstate), progress)
+        ckpts.wait()
         print(
             f"interrupted: saved {workdir}/checkpoints/latest (epoch {progress.epoch + 1}, "
             f"step {progress.step_in_epoch}); rerun the same command to resume",
@@ -173,9 +179,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         )
         raise SystemExit(128 + stop.signum) from None
     finally:
+        if batches is not None:
+            batches.close()  # its reading thread first: it reads from `data`
         if data is not None:
             data.close()  # stops the workers, also mid-epoch
-            data = batches = batch = None
+            data = batches = batch = pending = None  # batches live in worker shared memory
             pipeline.release_shared_memory()
         stop.restore()
         reporter.close()
@@ -313,6 +321,25 @@ def check_finite(
         )
 
 
+def account_step(
+    logs: dict[str, Any],
+    mask: Any,
+    meter: EpochMeter,
+    bar: tqdm,
+    progress: checkpoints.Progress,
+    bad_in_a_row: int,
+) -> int:
+    """Reads one step's logs (waiting for that step, not for the one queued behind it) into
+    the meter and the progress bar; returns the count of non-finite steps in a row."""
+    logs = parallel.unreplicate(logs)
+    finite = bool(logs["finite"] >= 1)
+    progress.skipped_steps += not finite
+    meter.add(logs, mask)
+    bar.update(1)
+    bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{meter.images_per_s():.1f}")
+    return 0 if finite else bad_in_a_row + 1
+
+
 @dataclasses.dataclass
 class EpochMeter:
     """One epoch's running means over finite steps, and the image rate over all processes."""
@@ -322,11 +349,11 @@ class EpochMeter:
     images: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add(self, logs: dict[str, Any], batch: dict[str, Any]) -> None:
+    def add(self, logs: dict[str, Any], mask: Any) -> None:
         if logs["finite"] >= 1:
             self.losses.append(float(logs["loss"]))
             self.dt5aps.append(float(logs["batch_dt5ap"]))
-        self.images += int(np.asarray(batch["mask"]).sum())
+        self.images += int(np.asarray(mask).sum())
 
     def images_per_s(self) -> float:
         elapsed = time.perf_counter() - self.start

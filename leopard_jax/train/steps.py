@@ -1,9 +1,11 @@
-"""The per-device steps, as pure functions of an axis name.
+"""The per-device training step, a pure function of an axis name.
 
 Each is written for one device and mapped with `jax.pmap(..., axis_name=parallel.AXIS)` by
 the loop (one line to change for shard_map). Collectives: gradients, loss and metrics are
 averaged with `lax.pmean`; batch norm normalises with statistics over the whole global batch
 (the backbone's batch norms reduce over AXIS), so 1 or N devices compute the same step.
+The running batch-norm statistics are averaged in every step too, so the replicas never
+drift apart and an epoch boundary has nothing to synchronise.
 """
 
 from __future__ import annotations
@@ -119,8 +121,3 @@ def train_step(
         "batch_dt5ap": lax.pmean(dt5ap, axis_name),
     }
     return new_state, logs
-
-
-def sync_batch_stats(state: TrainState, axis_name: str = AXIS) -> TrainState:
-    """Average batch-norm running statistics over devices (before eval and checkpoints)."""
-    return state.replace(batch_stats=lax.pmean(state.batch_stats, axis_name))
