@@ -280,14 +280,21 @@ def calibrated(queries, gallery, indices, similarities, inliers, same_set: bool)
             deep, local, same, groups, candidate_groups=candidate_groups
         ).items():
             out[name][r, c] = p
-        calibrator = calibration.fit(deep, local, same, model_fingerprint=fingerprint)
+        calibrator = calibration.fit(
+            deep,
+            local,
+            same,
+            groups=groups,
+            candidate_groups=candidate_groups,
+            model_fingerprint=fingerprint,
+        )
         calibrator["ece_cross_fitted"] = {
             name: calibration.ece(out[name][r, c], same) for name in out
         }
         calibration.save(path, calibrator)
         print(
-            f"calibrator fitted on {len(same)} labelled pairs ({int(same.sum())} same) -> {path}; "
-            "ECE (cross-fitted) "
+            f"calibrator fitted on {len(same)} labelled pairs ({int(same.sum())} same), "
+            f"fusion: {calibrator['fusion']} -> {path}; ECE (cross-fitted) "
             + ", ".join(f"{n} {v:.3f}" for n, v in calibrator["ece_cross_fitted"].items())
         )
         return out, calibrator["new_individual_threshold"]

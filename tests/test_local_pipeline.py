@@ -139,6 +139,9 @@ def test_rerank_puts_the_same_animal_first_and_evaluate_scores_the_three_ranking
     # no model dir in the meta: the calibrator goes beside the embeddings
     saved = json.loads((embeddings.parent / "e_calibrator.json").read_text())
     assert saved["model_fingerprint"] == "abc123" and saved["pairs"] == len(table)
+    assert saved["fusion"] in calibration.FUSIONS and set(saved["fusion_log_loss"]) == set(
+        calibration.FUSIONS
+    )
 
     assert (
         evaluate.main(

@@ -1,6 +1,7 @@
 """Build a dataset's local-feature store (SIFT + RootSIFT per crop); rerun to resume.
 
-python -m leopard_jax.local --data DATASET_DIR [--max-keypoints 500] [--workers 0]
+python -m leopard_jax.local --data DATASET_DIR [--max-keypoints 500] [--long-side 512]
+    [--noequalize] [--workers 0]
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ _LONG_SIDE = flags.DEFINE_integer(
     lower_bound=0,
     flag_values=FLAGS,
 )
+_EQUALIZE = flags.DEFINE_boolean(
+    "equalize",
+    True,
+    "equalise the animal's grey levels before SIFT (restores washed-out flash photos)",
+    flag_values=FLAGS,
+)
 _WORKERS = flags.DEFINE_integer(
     "workers", 0, "worker processes (0: one per core)", lower_bound=0, flag_values=FLAGS
 )
@@ -44,6 +51,7 @@ def run(argv: list[str]) -> int:
         _DATA.value,
         max_keypoints=_MAX_KEYPOINTS.value,
         long_side=_LONG_SIDE.value,
+        equalize=_EQUALIZE.value,
         workers=_WORKERS.value,
         progress=not _NO_PROGRESS.value,
     )

@@ -12,12 +12,13 @@ PART_SIZE = 64
 
 
 def _extract_part(args) -> int:
-    dataset_dir, name, rows, settings, max_keypoints, long_side = args
+    dataset_dir, name, rows, settings, max_keypoints, long_side, equalize = args
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already
     found = [
-        store.extract_record(dataset_dir, row, settings, max_keypoints, long_side) for row in rows
+        store.extract_record(dataset_dir, row, settings, max_keypoints, long_side, equalize)
+        for row in rows
     ]
     store.write_part(
         store.store_dir(dataset_dir),
@@ -34,6 +35,7 @@ def build(
     *,
     max_keypoints: int = features.MAX_KEYPOINTS,
     long_side: int = features.LONG_SIDE,
+    equalize: bool = True,
     workers: int = 0,
     progress: bool = True,
 ) -> tuple[int, int]:
@@ -44,7 +46,12 @@ def build(
     rows = records.read_manifest(dataset_dir)
     store.write_settings(
         dataset_dir,
-        {"max_keypoints": int(max_keypoints), "long_side": int(long_side), "version": 1},
+        {
+            "max_keypoints": int(max_keypoints),
+            "long_side": int(long_side),
+            "equalize": bool(equalize),
+            "version": 2,
+        },
     )
     todo = store.missing_rows(dataset_dir, rows)
     start = len(store.part_names(dataset_dir))
@@ -56,6 +63,7 @@ def build(
             settings,
             max_keypoints,
             long_side,
+            equalize,
         )
         for i, j in enumerate(range(0, len(todo), PART_SIZE))
     ]

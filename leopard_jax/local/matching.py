@@ -104,6 +104,24 @@ def verify(xy_a: np.ndarray, xy_b: np.ndarray, *, model: str = "affine") -> np.n
     return mask if mask.sum() >= MIN_MATCHES else np.zeros(n, bool)
 
 
+def distinct(xy_a: np.ndarray, xy_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correspondences with repeats of one (position a, position b) dropped, first kept.
+
+    Why: SIFT gives one keypoint several orientations at one spot; matched to the
+    same-positioned twins in the other crop they would each count as an inlier, so one
+    piece of evidence was counted twice or more, for unrelated animals too."""
+    if len(xy_a) < 2:
+        return xy_a, xy_b
+    # each float32 (x, y) read as one uint64: equal positions, equal keys
+    key_a = np.ascontiguousarray(xy_a, np.float32).view(np.uint64).ravel()
+    key_b = np.ascontiguousarray(xy_b, np.float32).view(np.uint64).ravel()
+    order = np.lexsort((key_b, key_a))  # stable: the first of equal pairs comes first
+    repeat = np.zeros(len(order), bool)
+    repeat[1:] = (key_a[order[1:]] == key_a[order[:-1]]) & (key_b[order[1:]] == key_b[order[:-1]])
+    keep = np.sort(order[~repeat])
+    return xy_a[keep], xy_b[keep]
+
+
 def match_pairs(
     a_sets: Sequence[tuple[np.ndarray, np.ndarray]],
     b_sets: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -134,8 +152,7 @@ def match_pairs(
         best = np.asarray(mutual_ratio_matches(a, a_valid, b, b_valid, ratio, mutual=mutual))
         for i in range(real):
             rows = np.flatnonzero(best[i] >= 0)
-            xy_a = chunk_a[i][0][rows]
-            xy_b = chunk_b[i][0][best[i][rows]]
+            xy_a, xy_b = distinct(chunk_a[i][0][rows], chunk_b[i][0][best[i][rows]])
             inlier = verify(xy_a, xy_b, model=model)
-            out.append(PairMatch(len(rows), int(inlier.sum()), xy_a[inlier], xy_b[inlier]))
+            out.append(PairMatch(len(xy_a), int(inlier.sum()), xy_a[inlier], xy_b[inlier]))
     return out

@@ -1,6 +1,7 @@
 """The local-feature store of a dataset: the one place that reads and writes it.
 
-    DATASET_DIR/local_features/settings.json   extraction settings (max_keypoints, mask)
+    DATASET_DIR/local_features/settings.json   extraction settings (max_keypoints, long_side,
+                                               equalize, version)
     DATASET_DIR/local_features/part-*.npz      one file per batch of records:
         keys    str [n]            record keys (the manifest's `key`)
         counts  int32 [n]          keypoints per record (0: nothing to match on)
@@ -67,6 +68,7 @@ def extract_record(
     settings: dict,
     max_keypoints: int,
     long_side: int = features.LONG_SIDE,
+    equalize: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keypoints of one manifest row's crop (restricted to the animal when known)."""
     import cv2
@@ -82,7 +84,9 @@ def extract_record(
     )
     mask = animal_mask(edge, settings)
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    return features.extract(rgb, mask, max_keypoints=max_keypoints, long_side=long_side)
+    return features.extract(
+        rgb, mask, max_keypoints=max_keypoints, long_side=long_side, equalize_histogram=equalize
+    )
 
 
 def write_part(directory: pathlib.Path, name: str, keys, xys, descs) -> None:
