@@ -133,14 +133,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 rstate, logs = p_train_step(rstate, batch, epoch_on_devices)
                 progress.step_in_epoch += 1
                 if pending is not None:
-                    bad_in_a_row = account_step(*pending, meter, bar, progress, bad_in_a_row)
+                    bad_in_a_row = account_step(pending, meter, bar, progress, bad_in_a_row)
                     check_finite(bad_in_a_row, config, epoch, workdir)
-                pending = (logs, batch["mask"])
+                pending = logs
                 if stop.signum is not None and progress.step_in_epoch < steps_per_epoch:
-                    account_step(*pending, meter, bar, progress, bad_in_a_row)
+                    account_step(pending, meter, bar, progress, bad_in_a_row)
                     raise Interrupted()  # (after an epoch's last step: once it is saved)
             if pending is not None:
-                bad_in_a_row = account_step(*pending, meter, bar, progress, bad_in_a_row)
+                bad_in_a_row = account_step(pending, meter, bar, progress, bad_in_a_row)
                 check_finite(bad_in_a_row, config, epoch, workdir)
             bar.close()
             train_stats = meter.summary()
@@ -323,7 +323,6 @@ def check_finite(
 
 def account_step(
     logs: dict[str, Any],
-    mask: Any,
     meter: EpochMeter,
     bar: tqdm,
     progress: checkpoints.Progress,
@@ -334,9 +333,9 @@ def account_step(
     logs = parallel.unreplicate(logs)
     finite = bool(logs["finite"] >= 1)
     progress.skipped_steps += not finite
-    meter.add(logs, mask)
-    bar.update(1)
-    bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{meter.images_per_s():.1f}")
+    meter.add(logs)
+    bar.update(1)  # tqdm redraws at most every 0.1 s; the postfix waits for that redraw
+    bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{meter.images_per_s():.1f}", refresh=False)
     return 0 if finite else bad_in_a_row + 1
 
 
@@ -349,15 +348,15 @@ class EpochMeter:
     images: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add(self, logs: dict[str, Any], mask: Any) -> None:
+    def add(self, logs: dict[str, Any]) -> None:
         if logs["finite"] >= 1:
             self.losses.append(float(logs["loss"]))
             self.dt5aps.append(float(logs["batch_dt5ap"]))
-        self.images += int(np.asarray(mask).sum())
+        self.images += int(logs["images"])  # over all devices and processes
 
     def images_per_s(self) -> float:
         elapsed = time.perf_counter() - self.start
-        return self.images * jax.process_count() / max(elapsed, 1e-9)
+        return self.images / max(elapsed, 1e-9)
 
     def summary(self) -> dict[str, float]:
         return {

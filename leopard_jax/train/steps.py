@@ -119,5 +119,6 @@ def train_step(
         "loss": global_loss,
         "finite": finite.astype(jnp.float32),
         "batch_dt5ap": lax.pmean(dt5ap, axis_name),
+        "images": lax.psum(jnp.sum(batch["mask"]), axis_name),  # real (unpadded) images
     }
     return new_state, logs
