@@ -77,7 +77,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     if not PHOTOS.is_dir():
         # the crops are 64×128: bigger photos only cost time
-        synthetic = ["--identities=80", "--images-per-identity=6", "--height=240", "--width=320"]
+        synthetic = ["--identities=120", "--images-per-identity=6", "--height=240", "--width=320"]
         run("leopard_jax.data.synthetic", f"--out={PHOTOS}", "--seed=0", *synthetic)
     options = ["--detector=none", "--config.render.height=64", "--config.render.width=128"]
     run("leopard_jax.preprocess", f"--input={PHOTOS}", f"--output={DATASET}", *options)
