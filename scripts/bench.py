@@ -358,6 +358,7 @@ def setup_devices(cfg: Config) -> dict:
         "cores": cores(),
         "jax": jax.__version__,
         "torch": torch.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # with leopard_jax.xla_flags' own
     }
 
 

@@ -5,10 +5,10 @@
 Same contest as bench.py's `embed` part (same random weights, the same uint8 batch, the
 same reference side, alternating timed rounds), but leopard_jax's side is what `embed
 --backend onnx` runs: the model exported by `leopard_jax.export` (normalisation inside the
-graph, grouped depthwise convolutions) in an ONNX Runtime CPU session with as many threads
-as the reference, through `inference.embed_images_onnx`. The ratio is withheld unless the
-ONNX embeddings agree with the reference's (bench.py's tolerance) and with leopard_jax's
-JAX path within 1e-4 (the export's own promise).
+graph, grouped depthwise and 1x1 convolutions as ONNX Conv) in an ONNX Runtime CPU session
+with as many threads as the reference, through `inference.embed_images_onnx`. The ratio is
+withheld unless the ONNX embeddings agree with the reference's (bench.py's tolerance) and
+with leopard_jax's JAX path within 1e-4 (the export's own promise).
 """
 
 from __future__ import annotations

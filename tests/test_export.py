@@ -61,7 +61,7 @@ def test_onnx_runtime_matches_the_jax_embed_path(exported):
     assert len(inference.embed_images_onnx(session, [], batch_size=2)) == 0
 
 
-def test_the_file_states_its_input_and_holds_grouped_depthwise_convs(exported):
+def test_the_file_states_its_input_and_holds_convolutions_as_convs(exported):
     _, variables, path = exported
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
@@ -87,6 +87,16 @@ def test_the_file_states_its_input_and_holds_grouped_depthwise_convs(exported):
     assert len(depthwise) == 16  # b0: 3 + 5 + 8 MBConv blocks
     assert sorted(g for g in groups if g > 1) == sorted(depthwise)
     assert not any(n.op_type == "Slice" for n in proto.graph.node)
+    # every convolution kernel of the backbone, 1x1 ones included, is one ONNX Conv (which
+    # ONNX Runtime fuses with its batch norm), not an Einsum/MatMul between Transposes
+    kernels = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(variables["params"]["backbone"])
+        if leaf.ndim == 4
+    ]
+    assert sum(k.shape[:2] == (1, 1) for k in kernels) > 16
+    assert sum(n.op_type == "Conv" for n in proto.graph.node) == len(kernels)
+    assert not any(n.op_type in ("Einsum", "MatMul") for n in proto.graph.node)
 
     meta = export.read_metadata(proto)
     contract = export.input_contract(meta)

@@ -42,6 +42,13 @@ def resolve_padding(
     return [(int(padding), int(padding))] * len(spatial)
 
 
+def pointwise_impl() -> str:
+    """How `Conv` computes a 1x1, stride-1 convolution: `matmul` (a dot over channels, for
+    XLA's gradients) or `conv`. The ONNX export traces `conv`, so ONNX Runtime sees a real
+    `Conv` it can fuse with batch norm and SiLU, in one NCHW layout with no transposes."""
+    return "matmul"
+
+
 class Conv(nn.Module):
     """Square-kernel convolution with timm-compatible padding; kernel HWIO, bias optional."""
 
@@ -61,23 +68,24 @@ class Conv(nn.Module):
             jnp.float32,
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if self.kernel_size == 1 and self.strides == 1:
+        if self.kernel_size == 1 and self.strides == 1 and pointwise_impl() == "matmul":
             # A matrix product: XLA CPU runs its gradients as fast matmuls, while a 1x1
             # convolution's kernel gradient takes a slow generic path there.
             y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
         else:
             pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                (self.strides, self.strides),
-                pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            y = conv_xla(x, kernel, self.strides, pad)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def conv_xla(x, kernel, stride: int, pad):
+    """XLA's convolution, NHWC input, HWIO kernel; its gradients are XLA's too."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def depthwise_default_impl() -> str:
@@ -97,31 +105,64 @@ def depthwise_conv_grouped(x, kernel, stride: int, pad):
     )
 
 
-def depthwise_conv_shifted(x, kernel, stride: int, pad):
-    """The same result as a sum over the k*k taps of strided slices of the padded input,
-    each scaled per channel. Its gradient is slices/pads and multiplies, so the training
-    step costs about 3x the forward on any backend."""
+def shifted_taps(x, kernel, stride: int, pad):
+    """The k*k strided views of the padded `x` that meet each kernel tap, in (i, j) order."""
     k = kernel.shape[0]
     xp = jnp.pad(x, ((0, 0), tuple(pad[0]), tuple(pad[1]), (0, 0)))
     out_h = (xp.shape[1] - k) // stride + 1
     out_w = (xp.shape[2] - k) // stride + 1
-    out = None
     for i in range(k):
         for j in range(k):
-            tap = jax.lax.slice(
-                xp,
-                (0, i, j, 0),
-                (
-                    xp.shape[0],
-                    i + (out_h - 1) * stride + 1,
-                    j + (out_w - 1) * stride + 1,
-                    xp.shape[3],
-                ),
-                (1, stride, stride, 1),
-            )
-            term = tap * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+            end = (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1)
+            yield jax.lax.slice(xp, (0, i, j, 0), (*end, xp.shape[3]), (1, stride, stride, 1))
+
+
+def shifted_sum(x, kernel, stride: int, pad):
+    """sum over taps of view(i, j) * kernel[i, j]: the depthwise convolution's value."""
+    k = kernel.shape[0]
+    terms = (
+        tap * kernel[n // k, n % k, 0] for n, tap in enumerate(shifted_taps(x, kernel, stride, pad))
+    )
+    return functools.reduce(jnp.add, terms)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv_shifted(x, kernel, stride: int, pad):
+    """The same result as a sum over the k*k taps of strided slices of the padded input,
+    each scaled per channel, with a hand-written gradient: the input gradient is the same
+    shifted sum over the (stride-dilated) output gradient with the flipped kernel, the
+    kernel gradient k*k fused multiply-reductions over views of the input. Autodiff of
+    the sum kept all k*k views of every layer's input alive for the backward pass and
+    scattered into padded copies; this runs forward and backward at slice speed."""
+    return shifted_sum(x, kernel, stride, pad)
+
+
+def _shifted_fwd(x, kernel, stride, pad):
+    return shifted_sum(x, kernel, stride, pad), (x, kernel)
+
+
+def _shifted_bwd(stride, pad, residuals, dy):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    # Along each axis y[o] = sum_i xp[o*s + i] w[i], xp = x padded by (p0, p1), so
+    # dx[m] = sum_i' z[m + i'] w[k-1-i'] where z is dy dilated by s (s-1 zeros between)
+    # and padded by k-1-p0 before, to length len(x) + k - 1: a stride-1 shifted sum
+    # with the flipped kernel.
+    spatial = []
+    for axis in (1, 2):
+        before = k - 1 - pad[axis - 1][0]
+        dilated = (dy.shape[axis] - 1) * stride + 1
+        spatial.append((before, x.shape[axis] + k - 1 - before - dilated, stride - 1))
+    z = jax.lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *spatial, (0, 0, 0)])
+    dx = shifted_sum(z, kernel[::-1, ::-1], 1, ((0, 0), (0, 0)))
+    taps = shifted_taps(x, kernel, stride, pad)
+    dkernel = jnp.stack(
+        [jnp.sum(tap * dy, axis=(0, 1, 2), dtype=jnp.float32) for tap in taps]
+    ).reshape(kernel.shape)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
 
 
 DEPTHWISE_IMPLS: dict[str, Callable] = {
@@ -155,6 +196,7 @@ class DepthwiseConv(nn.Module):
         )
         pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
         impl = DEPTHWISE_IMPLS[self.impl or depthwise_default_impl()]
+        pad = tuple(map(tuple, pad))  # hashable: a static argument of the custom gradient
         return impl(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
 
 
