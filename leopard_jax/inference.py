@@ -11,8 +11,9 @@ computation:
   dataset of any size, and the trainer's evaluation every epoch, compile once;
 - uint8 crosses to the device and is normalised there (a quarter of float32's traffic),
   with the training input's constants (`augment.MEAN`, `augment.STD`);
-- the next READ_AHEAD batches are read and stacked in threads while the devices run this
-  one, and each goes to the devices as soon as it is stacked (`parallel.put_sharded`).
+- the next READ_AHEAD batches are read, stacked and sent to the devices by the training
+  input's own read-ahead thread (`parallel.prefetch_to_device`) while the devices run this
+  one.
 
 `embed_images_onnx` is the same contract on ONNX Runtime (a file from `leopard_jax.export`,
 which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions beat XLA's.
@@ -20,7 +21,6 @@ which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import functools
 from collections.abc import Callable, Sequence
@@ -103,8 +103,9 @@ def embed_images(
 
     starts = range(0, n, size)
     out: list[np.ndarray] = []
+    host_batches = (host_batch(images, start, size) for start in starts)
     with (
-        concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as reader,
+        parallel.prefetch_to_device(host_batches, size=READ_AHEAD) as batches,
         tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar,
     ):
 
@@ -113,15 +114,9 @@ def embed_images(
             out.append(parallel.unshard(result)[:count])
             bar.update(count)
 
-        reads = collections.deque(
-            reader.submit(host_batch, images, start, size) for start in starts[:READ_AHEAD]
-        )
         pending = None
-        for i, start in enumerate(starts):
-            batch = reads.popleft().result()
-            if i + READ_AHEAD < len(starts):
-                reads.append(reader.submit(host_batch, images, starts[i + READ_AHEAD], size))
-            result = forward(variables, parallel.put_sharded(batch))  # asynchronous
+        for start, batch in zip(starts, batches, strict=True):
+            result = forward(variables, batch)  # asynchronous
             if pending is not None:
                 collect(pending)  # waits for the previous batch while this one runs
             pending = (min(size, n - start), result)

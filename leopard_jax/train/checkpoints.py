@@ -64,7 +64,7 @@ class RunCheckpoints:
     def save(self, which: str, state: Any, progress: Progress) -> None:
         """Queue host `state` and a copy of `progress` as the checkpoint of step
         `state.step`. The state's arrays must stay as they are until the write is done (the
-        loop's are read-only views of device buffers, which a donating step never reuses)."""
+        loop's are its own host copies, from `parallel.unreplicate`)."""
         host_state = jax.tree.map(np.asarray, state)
         items = {
             "state": ocp.args.StandardSave(host_state),

@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     float(schedule(0))  # its few ops compile here, not at the first epoch boundary
     reporter = report.Reporter(workdir, enabled=is_main)
     record: dict[str, Any] = {}
-    data = batches = batch = pending = None
+    data = batches = batch = None
     stop = StopSignals()  # SIGTERM/SIGINT from here on: save `latest`, then exit
     started = time.perf_counter()
     try:
@@ -183,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             batches.close()  # its reading thread first: it reads from `data`
         if data is not None:
             data.close()  # stops the workers, also mid-epoch
-            data = batches = batch = pending = None  # batches live in worker shared memory
+            data = batches = batch = None  # batches live in worker shared memory
             pipeline.release_shared_memory()
         stop.restore()
         reporter.close()
