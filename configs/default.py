@@ -78,8 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # Held-out evaluation: every `every_epochs` epochs (and after the last), `batch_size`
-    # images per device at a time, TkRMD up to k_max.
-    c.eval = ml_collections.ConfigDict(dict(every_epochs=1, batch_size=64, k_max=10))
+    # images per device at a time, TkRMD up to k_max. The held-out images stay on the devices
+    # (sent once) when they take at most `cache_mb` MiB per device; 0: read every time.
+    c.eval = ml_collections.ConfigDict(
+        dict(every_epochs=1, batch_size=64, k_max=10, cache_mb=2048.0)
+    )
     c.max_bad_steps = 5  # consecutive non-finite steps before the run stops
 
     # Multi-host: jax.distributed.initialize() (arguments from the environment on TPU/SLURM,

@@ -107,6 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.loss.margin >= 0, "loss.margin", "must be ≥ 0")
     _check(0.0 < config.split.test_fraction < 1.0, "split.test_fraction", "must be in (0, 1)")
     _check(config.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    _check(config.eval.cache_mb >= 0, "eval.cache_mb", "must be ≥ 0 (0: read every time)")
     _check(config.max_bad_steps > 0, "max_bad_steps", "must be positive")
     _check(config.workers >= 0, "workers", "must be ≥ 0")
     _check(

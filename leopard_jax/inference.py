@@ -13,7 +13,8 @@ computation:
   with the training input's constants (`augment.MEAN`, `augment.STD`);
 - the next READ_AHEAD batches are read, stacked and sent to the devices by the training
   input's own read-ahead thread (`parallel.prefetch_to_device`) while the devices run this
-  one.
+  one; a set embedded every epoch (the trainer's held-out set) can be sent once
+  (`to_devices`) and embedded from the devices after that.
 
 `embed_images_onnx` is the same contract on ONNX Runtime (a file from `leopard_jax.export`,
 which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions beat XLA's.
@@ -22,6 +23,8 @@ which holds the same normalisation), for CPUs, where ONNX Runtime's convolutions
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,35 +80,75 @@ def host_batch(images: Sequence[np.ndarray], start: int, size: int) -> np.ndarra
     return batch
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceBatches:
+    """A set of images already on the local devices, as `embed_images` sends them: sharded
+    uint8 batches of `size` images (the last zero-padded), `count` images in all. For a set
+    embedded again and again (the trainer's held-out set, every epoch), which then never
+    re-crosses the host-device link. `to_devices` builds it."""
+
+    batches: tuple[jax.Array, ...]
+    count: int
+    size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.batches)
+
+
+def _batch_starts(n: int, batch_size: int) -> tuple[range, int]:
+    size = device_batch_size(batch_size, jax.local_device_count())
+    return range(0, n, size), size
+
+
+def _read_ahead(images: Sequence[np.ndarray], starts: range, size: int):
+    """The read-ahead thread over `images`: sharded device batches, READ_AHEAD ahead."""
+    host_batches = (host_batch(images, start, size) for start in starts)
+    return parallel.prefetch_to_device(host_batches, size=READ_AHEAD)
+
+
+def to_devices(images: Sequence[np.ndarray], *, batch_size: int) -> DeviceBatches:
+    """All of `images` read once onto the local devices, batched as `embed_images` with
+    this `batch_size` would batch them."""
+    starts, size = _batch_starts(len(images), batch_size)
+    with _read_ahead(images, starts, size) as batches:
+        return DeviceBatches(tuple(batches), len(images), size)
+
+
 def embed_images(
     model: nn.Module,
     variables: Any,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | DeviceBatches,
     *,
     batch_size: int,
     replicated: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
     """float32 [N, D] embeddings of uint8 H×W×C `images` (random access, e.g. a
-    RecordSource), in order.
+    RecordSource, or already on the devices: `to_devices`), in order.
 
     `variables` is {"params", "batch_stats"} as host arrays, or already replicated over the
     local devices (`replicated=True`, e.g. the training loop's state).
     """
-    num_devices = jax.local_device_count()
-    size = device_batch_size(batch_size, num_devices)
-    n = len(images)
+    on_devices = isinstance(images, DeviceBatches)
+    n = images.count if on_devices else len(images)
+    if on_devices:
+        starts, size = range(0, n, images.size), images.size  # batched when it was sent
+    else:
+        starts, size = _batch_starts(n, batch_size)
     if n == 0:
         return np.zeros((0, model.dims), np.float32)
     forward = embed_fn(model)
     if not replicated:
         variables = parallel.replicate(variables)
 
-    starts = range(0, n, size)
     out: list[np.ndarray] = []
-    host_batches = (host_batch(images, start, size) for start in starts)
     with (
-        parallel.prefetch_to_device(host_batches, size=READ_AHEAD) as batches,
+        (
+            contextlib.nullcontext(images.batches)
+            if on_devices
+            else _read_ahead(images, starts, size)
+        ) as batches,
         tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar,
     ):
 

@@ -90,6 +90,23 @@ def test_one_compilation_per_model_and_batch_shape():
     np.testing.assert_array_equal(again, first)
 
 
+def test_images_sent_once_embed_as_read_from_the_host():
+    """A set kept on the devices (the trainer's held-out set) gives the embeddings the host
+    path gives, every time, with no new compilation: same batches, same function."""
+    variables, images = float32(tiny_variables()), random_images(7)
+    from_host = inference.embed_images(TinyModel(), variables, images, batch_size=3)
+    before = len(TRACES)
+    on_devices = inference.to_devices(images, batch_size=3)
+    assert (on_devices.count, on_devices.size, len(on_devices.batches)) == (7, 3, 3)
+    assert all(isinstance(b, jax.Array) and b.dtype == np.uint8 for b in on_devices.batches)
+    for _ in range(2):  # kept, not consumed
+        again = inference.embed_images(TinyModel(), variables, on_devices, batch_size=3)
+        np.testing.assert_array_equal(again, from_host)
+    assert len(TRACES) == before
+    empty = inference.to_devices([], batch_size=3)
+    assert inference.embed_images(TinyModel(), variables, empty, batch_size=3).shape == (0, DIMS)
+
+
 def test_empty_and_bad_input():
     assert inference.embed_images(TinyModel(), {}, [], batch_size=2).shape == (0, DIMS)
     with pytest.raises(ValueError, match="uint8"):
@@ -120,6 +137,10 @@ assert jax.local_device_count() == 2
 variables, images = t.float32(t.tiny_variables()), t.random_images(5)
 got = inference.embed_images(t.TinyModel(), variables, images, batch_size=3)  # -> 4: 2 per device
 np.testing.assert_allclose(got, t.numpy_forward(variables, np.stack(images)), rtol=1e-4, atol=1e-4)
+on_devices = inference.to_devices(images, batch_size=3)
+assert [b.shape for b in on_devices.batches] == [(2, 2, 2, 3, 4)] * 2  # [devices, per device, ...]
+kept = inference.embed_images(t.TinyModel(), variables, on_devices, batch_size=3)
+np.testing.assert_array_equal(kept, got)
 print("ok", len(t.TRACES))
 """
 
