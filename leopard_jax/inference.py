@@ -91,10 +91,6 @@ class DeviceBatches:
     count: int
     size: int
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.batches)
-
 
 def _batch_starts(n: int, batch_size: int) -> tuple[range, int]:
     size = device_batch_size(batch_size, jax.local_device_count())
@@ -130,12 +126,14 @@ def embed_images(
     `variables` is {"params", "batch_stats"} as host arrays, or already replicated over the
     local devices (`replicated=True`, e.g. the training loop's state).
     """
-    on_devices = isinstance(images, DeviceBatches)
-    n = images.count if on_devices else len(images)
-    if on_devices:
-        starts, size = range(0, n, images.size), images.size  # batched when it was sent
+    if isinstance(images, DeviceBatches):  # batched when it was sent
+        n, size = images.count, images.size
+        starts = range(0, n, size)
+        read = functools.partial(contextlib.nullcontext, images.batches)
     else:
+        n = len(images)
         starts, size = _batch_starts(n, batch_size)
+        read = functools.partial(_read_ahead, images, starts, size)
     if n == 0:
         return np.zeros((0, model.dims), np.float32)
     forward = embed_fn(model)
@@ -143,14 +141,7 @@ def embed_images(
         variables = parallel.replicate(variables)
 
     out: list[np.ndarray] = []
-    with (
-        (
-            contextlib.nullcontext(images.batches)
-            if on_devices
-            else _read_ahead(images, starts, size)
-        ) as batches,
-        tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar,
-    ):
+    with read() as batches, tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar:
 
         def collect(pending: tuple[int, jax.Array]) -> None:
             count, result = pending
