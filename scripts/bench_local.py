@@ -1,7 +1,8 @@
 """Speed of the local-feature matcher, the `local` part of scripts/bench.py:
 
     extraction   ms per 256x512 crop on one core (equalise + SIFT + RootSIFT, 500 keypoints)
-    matching     ms per pair: jitted mutual-NN ratio test (batched) + RANSAC verification
+    matching     ms per pair: jitted mutual-NN ratio test each way (batched) + RANSAC
+                 verification of each way (the symmetric pair score)
     re-ranking   seconds for `queries` x top-`top_k` pairs through `matching.match_pairs`
                  (what `local.rerank.pair_matches` runs, less the feature-store look-ups)
 

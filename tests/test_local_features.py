@@ -1,5 +1,6 @@
 """local.features and local.matching: RootSIFT against its definition, the jitted
-mutual-NN ratio matcher against a plain-loop reference, and verification of a warped copy."""
+mutual-NN ratio matcher against a plain-loop reference, verification of a warped copy, and
+the symmetric pair score against the two one-way scores it sums."""
 
 from __future__ import annotations
 
@@ -90,10 +91,66 @@ def test_a_warped_copy_verifies_and_another_pattern_does_not():
     warped, matrix = warp(image)
     one, two, other = (features.extract(x, long_side=0) for x in (image, warped, spots(5)))
     empty = (np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
-    same, different, blank = matching.match_pairs([one, one, empty], [two, other, one], batch=2)
+    same, different, blank = matching.match_pairs(
+        [one, one, empty], [two, other, one], batch=2, symmetric=False
+    )
     assert same.inliers >= 30 and different.inliers < 8 and blank.inliers == 0
     # verified correspondences obey the warp (within the RANSAC threshold)
     moved = same.xy_a @ matrix[:, :2].T + matrix[:, 2]
     assert np.median(np.linalg.norm(moved - same.xy_b, axis=1)) < 2.0
     homography = matching.match_pairs([one], [two], model="homography")[0]
     assert homography.inliers >= 30
+
+
+def test_two_way_matches_are_the_one_way_matches_of_each_crop_as_the_query():
+    rng = np.random.default_rng(5)
+
+    def unit(n):
+        return features.rootsift(rng.random((n, 128)).astype(np.float32) ** 4)
+
+    sets_a = [unit(9), unit(14), unit(0)]
+    # near-copies of a's rows 1, 4, 7 in b, row 1 twice, so a's ratio test and b's disagree
+    copies = sets_a[1][[1, 4, 7]] + 0.01
+    sets_b = [unit(8), np.concatenate([copies, copies[:1] + 0.002, unit(5)]), unit(3)]
+    sets_b = [s / np.linalg.norm(s, axis=1, keepdims=True) for s in sets_b]
+    a, a_valid = matching.pad(sets_a, 16)
+    b, b_valid = matching.pad(sets_b, 16)
+    forward, backward = np.asarray(matching.two_way_matches(a, a_valid, b, b_valid, 0.8))
+    np.testing.assert_array_equal(
+        forward, np.asarray(matching.mutual_ratio_matches(a, a_valid, b, b_valid, 0.8))
+    )
+    b_query = np.asarray(matching.mutual_ratio_matches(b, b_valid, a, a_valid, 0.8))
+    for p in range(3):  # backward, as (a row -> b row), is b-as-query's matches inverted
+        want = {(int(n), j) for j, n in enumerate(b_query[p]) if n >= 0}
+        got = {(n, int(m)) for n, m in enumerate(backward[p]) if m >= 0}
+        assert got == want
+    # a's spot twice in b: fails a's ratio test (its second best is as close), passes b's
+    assert forward[1, 1] == -1 and backward[1, 1] in (0, 3)
+
+
+def test_symmetric_score_is_both_one_way_scores_summed_whichever_crop_is_the_query():
+    image = spots(4)
+    warped, _ = warp(image)
+    one, two, other = (features.extract(x, long_side=0) for x in (image, warped, spots(5)))
+    for x, y in ((one, two), (one, other)):
+        both = matching.match_pairs([x, y], [y, x], batch=2)
+        ways = matching.match_pairs([x, y], [y, x], batch=2, symmetric=False)
+        assert both[0].inliers == both[1].inliers == ways[0].inliers + ways[1].inliers
+        assert both[0].tentative == ways[0].tentative + ways[1].tentative
+        assert len(both[0].xy_a) <= both[0].inliers  # shown once however many ways verified
+    assert both[0].inliers < 2 * 8  # the other pattern: at most chance inliers each way
+
+
+def test_verification_does_not_depend_on_the_order_of_the_correspondences():
+    image = spots(6)
+    warped, _ = warp(image)
+    one, two = (features.extract(x, long_side=0) for x in (image, warped))
+    best = np.asarray(
+        matching.mutual_ratio_matches(*matching.pad([one[1]], 512), *matching.pad([two[1]], 512))
+    )[0]
+    rows = np.flatnonzero(best >= 0)
+    xy_a, xy_b = one[0][rows], two[0][best[rows]]
+    xy_b = xy_b + np.random.default_rng(0).normal(0, 4, xy_b.shape).astype(np.float32)
+    mask = matching.verify(xy_a, xy_b)
+    shuffle = np.random.default_rng(1).permutation(len(rows))
+    np.testing.assert_array_equal(matching.verify(xy_a[shuffle], xy_b[shuffle]), mask[shuffle])

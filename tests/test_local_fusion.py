@@ -107,6 +107,12 @@ def test_the_chosen_fusion_is_saved_applied_without_refitting_and_checked_on_loa
     path.write_text(json.dumps({**fitted, "fusion": "average"}))
     with pytest.raises(calibration.CalibratorError, match="fusion 'average'"):
         calibration.load(path, "m1")
+    # one fitted on another count of local matches (before the two-way score: one way)
+    assert fitted["local_score"] == matching.SCORE
+    one_way = {k: v for k, v in fitted.items() if k != "local_score"}
+    path.write_text(json.dumps(one_way))
+    with pytest.raises(calibration.CalibratorError, match="count verified inliers, but"):
+        calibration.load(path, "m1")
 
 
 def test_cross_fitted_fusion_is_never_below_the_better_single_score_on_noise_deep():

@@ -246,3 +246,29 @@ def test_a_crop_without_keypoints_is_stored_and_matches_nothing(tmp_path):
     assert [len(features.get(k)[0]) for k in ("blank", "two", "blank2")] == [0, 2, 0]
     found = matching.match_pairs([features.get("blank")], [features.get("two")])[0]
     assert (found.tentative, found.inliers) == (0, 0)
+
+
+def test_rerank_matches_each_pair_once_however_often_it_is_met(dataset, monkeypatch):
+    from leopard_jax.local import rerank
+
+    root, rows, embeddings = dataset
+    local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"])
+    data = embeddings_io.read(embeddings)
+    features = rerank.stores_for(data)
+    n = len(rows)
+    indices = np.array([[j for j in range(n) if j != i] for i in range(n)])  # all against all
+    real, matched = matching.match_pairs, []
+
+    def spy(a_sets, b_sets, **kw):
+        matched.append(len(a_sets))
+        return real(a_sets, b_sets, **kw)
+
+    monkeypatch.setattr(matching, "match_pairs", spy)
+    scores = rerank.pair_matches(data, data, indices, features)
+    assert sum(matched) == n * (n - 1) // 2  # (a, b) and (b, a): one match
+    full = np.zeros((n, n), int)
+    np.put_along_axis(full, indices, scores, axis=1)
+    np.testing.assert_array_equal(full, full.T)
+    one = features[str(root)]
+    direct = real([one.get(data.keys[0])], [one.get(data.keys[1])])[0].inliers
+    assert full[0, 1] == direct >= 30  # L0/p0 against its warped copy, as matched directly

@@ -14,8 +14,9 @@ keeping a single score unless both are better by over one standard error, and th
 calibrator records the choice, so `match` and the review page apply it as fitted.
 
 The calibrator is saved as a small JSON beside the model, tagged with the model's
-fingerprint: the deep score's meaning changes with the weights, so another model's
-calibrator is refused.
+fingerprint and with what the local score counts (`matching.SCORE`): the deep score's
+meaning changes with the weights, the local one with the matcher, so a calibrator of
+another model or another matcher is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import pathlib
 from typing import Any
 
 import numpy as np
+
+from leopard_jax.local import matching
 
 FILE_NAME = "calibrator.json"
 NEW_INDIVIDUAL_THRESHOLD = 0.5
@@ -89,6 +92,7 @@ def fit(
     weights = _fit_weights(x, same)
     calibrator: dict[str, Any] = {
         "model_fingerprint": model_fingerprint,
+        "local_score": matching.SCORE,
         "weights": {n: w.tolist() for n, w in weights.items()},
         "fusion": "both",
         "pairs": int(len(same)),
@@ -235,7 +239,8 @@ def save(path, calibrator: dict[str, Any]) -> None:
 
 
 def load(path, model_fingerprint: str) -> dict[str, Any]:
-    """A saved calibrator, refused when it was fitted for another model."""
+    """A saved calibrator, refused when it was fitted for another model or on another
+    local score."""
     path = pathlib.Path(path)
     try:
         calibrator = json.loads(path.read_text())
@@ -244,6 +249,12 @@ def load(path, model_fingerprint: str) -> dict[str, Any]:
             raise ValueError(f"fusion {calibrator['fusion']!r} is none of {', '.join(FUSIONS)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CalibratorError(f"{path}: not a calibrator ({e}); delete it to refit") from e
+    counted = calibrator.get("local_score", "verified inliers")  # before it was recorded
+    if counted != matching.SCORE:
+        raise CalibratorError(
+            f"{path}: fitted on local scores that count {counted}, but this matcher counts "
+            f"{matching.SCORE}; delete it (or pass --refit) to fit one for this matcher"
+        )
     theirs = calibrator.get("model_fingerprint", "")
     if theirs != model_fingerprint:
         raise CalibratorError(

@@ -1,5 +1,6 @@
 """Match two crops' keypoints: mutual nearest neighbours with the ratio test (JAX, many
-pairs per call), then geometric verification (OpenCV RANSAC/USAC).
+pairs per call), then geometric verification (OpenCV RANSAC/USAC). A pair's score is its
+verified inliers counted each way (each crop's ratio test in turn) and summed (`SYMMETRIC`).
 
 Why JAX for the first step: it is a [n, m] similarity matrix per pair, i.e. a batched
 matmul, the part that dominates on a GPU and batches well on a CPU. Verification is a
@@ -21,6 +22,31 @@ from leopard_jax.local import features
 RATIO = 0.8
 MIN_MATCHES = 4  # fewer tentative matches cannot support any transform worth the name
 REPROJECTION_PX = 8.0
+SYMMETRIC = True  # a pair's score: inliers verified each way, summed (`two_way_matches`)
+# What a pair score counts; a calibrator fitted on another count is refused (`calibration`).
+SCORE = "verified inliers, both ways summed" if SYMMETRIC else "verified inliers"
+
+
+def _nearest(a, a_valid, b, b_valid):
+    """Similarities [P, N, M] (-inf off the valid rows), each a row's best b column and each
+    b column's best a row, and the row-wise and column-wise (best, second best) distances."""
+    sim = jnp.einsum("pnd,pmd->pnm", a, b, precision=jax.lax.Precision.HIGHEST)
+    valid = a_valid[:, :, None] & b_valid[:, None, :]
+    sim = jnp.where(valid, sim, -jnp.inf)
+    # two max passes, not lax.top_k: top_k sorts on CPU and is ~30x slower here
+    best = jnp.argmax(sim, axis=2)  # [P, N]
+    first = jnp.max(sim, axis=2)
+    columns = jnp.arange(b.shape[1])[None, None, :]
+    second = jnp.max(jnp.where(columns == best[..., None], -jnp.inf, sim), axis=2)
+    back = jnp.argmax(sim, axis=1)  # [P, M]: each b row's best a row
+    return sim, best, back, _distance(first), _distance(second)
+
+
+def _distance(similarity):
+    """Distance between unit vectors, sqrt(2 - 2 sim); inf where there was no vector.
+    Lowe's ratio test is on distances."""
+    d = jnp.sqrt(jnp.maximum(2.0 - 2.0 * similarity, 0.0))
+    return jnp.where(jnp.isfinite(similarity), d, jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames="mutual")
@@ -32,21 +58,31 @@ def mutual_ratio_matches(a, a_valid, b, b_valid, ratio=RATIO, mutual=True):
     other's nearest neighbour (`mutual`) and Lowe's ratio (best distance / second best, both a→b)
     is below `ratio`. Returns int32 [P, N].
     """
-    sim = jnp.einsum("pnd,pmd->pnm", a, b, precision=jax.lax.Precision.HIGHEST)
-    valid = a_valid[:, :, None] & b_valid[:, None, :]
-    sim = jnp.where(valid, sim, -jnp.inf)
-    # two max passes, not lax.top_k: top_k sorts on CPU and is ~30x slower here
-    best = jnp.argmax(sim, axis=2)  # [P, N]
-    first = jnp.max(sim, axis=2)
-    columns = jnp.arange(b.shape[1])[None, None, :]
-    second = jnp.max(jnp.where(columns == best[..., None], -jnp.inf, sim), axis=2)
-    back = jnp.argmax(sim, axis=1)  # [P, M]: each b row's best a row
+    _, best, back, d1, d2 = _nearest(a, a_valid, b, b_valid)
     is_mutual = jnp.take_along_axis(back, best, axis=1) == jnp.arange(a.shape[1])[None, :]
-    # distance between unit vectors: sqrt(2 - 2 sim); Lowe's ratio test is on distances
-    d1 = jnp.sqrt(jnp.maximum(2.0 - 2.0 * first, 0.0))
-    d2 = jnp.where(jnp.isfinite(second), jnp.sqrt(jnp.maximum(2.0 - 2.0 * second, 0.0)), jnp.inf)
-    keep = (is_mutual | (not mutual)) & jnp.isfinite(first) & (d1 < ratio * d2)
+    keep = (is_mutual | (not mutual)) & jnp.isfinite(d1) & (d1 < ratio * d2)
     return jnp.where(keep & a_valid, best, -1).astype(jnp.int32)
+
+
+@jax.jit
+def two_way_matches(a, a_valid, b, b_valid, ratio=RATIO):
+    """Mutual nearest neighbours under Lowe's ratio test taken each way: int32 [2, P, N],
+    [0] as `mutual_ratio_matches` (second best among b's keypoints), [1] the same mutual
+    pairs kept when the best is below `ratio` of a's second best for that b keypoint.
+
+    Why both: the ratio test is asymmetric. It asks whether the *other* crop holds a
+    second similar spot, so a pair's matches depend on which crop is the query; rosettes
+    repeat, and each way drops different true matches. One similarity matrix serves both.
+    """
+    sim, best, back, d1, d2 = _nearest(a, a_valid, b, b_valid)
+    rows = jnp.arange(a.shape[1])[None, :, None]
+    column_second = _distance(jnp.max(jnp.where(rows == back[:, None, :], -jnp.inf, sim), axis=1))
+    is_mutual = jnp.take_along_axis(back, best, axis=1) == jnp.arange(a.shape[1])[None, :]
+    mutual = is_mutual & jnp.isfinite(d1) & a_valid
+    b_second = jnp.take_along_axis(column_second, best, axis=1)  # [P, N]
+    forward = jnp.where(mutual & (d1 < ratio * d2), best, -1)
+    backward = jnp.where(mutual & (d1 < ratio * b_second), best, -1)
+    return jnp.stack([forward, backward]).astype(jnp.int32)
 
 
 def pad(descriptor_sets: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,11 +98,12 @@ def pad(descriptor_sets: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, n
 
 @dataclasses.dataclass(frozen=True)
 class PairMatch:
-    """One pair's outcome: tentative matches and those the geometry verified."""
+    """One pair's outcome: tentative matches and those the geometry verified (with
+    `symmetric` matching, counted each way and summed: the pair score)."""
 
     tentative: int
     inliers: int
-    xy_a: np.ndarray  # float32 [inliers, 2], verified correspondences
+    xy_a: np.ndarray  # float32 [n, 2], the distinct verified correspondences
     xy_b: np.ndarray
 
 
@@ -81,7 +118,11 @@ def verify(xy_a: np.ndarray, xy_b: np.ndarray, *, model: str = "affine") -> np.n
     n = len(xy_a)
     if n < MIN_MATCHES:
         return np.zeros(n, bool)
-    a, b = xy_a.reshape(-1, 1, 2).astype(np.float32), xy_b.reshape(-1, 1, 2).astype(np.float32)
+    # RANSAC draws its samples by index: points in a fixed order (by position), so the
+    # outcome depends on the correspondences only, not on the keypoints' order in a crop
+    order = np.lexsort((xy_b[:, 1], xy_b[:, 0], xy_a[:, 1], xy_a[:, 0]))
+    a = xy_a[order].reshape(-1, 1, 2).astype(np.float32)
+    b = xy_b[order].reshape(-1, 1, 2).astype(np.float32)
     if model == "affine":
         _, inliers = cv2.estimateAffine2D(
             a,
@@ -97,9 +138,9 @@ def verify(xy_a: np.ndarray, xy_b: np.ndarray, *, model: str = "affine") -> np.n
         )
     else:
         raise ValueError(f"unknown geometric model {model!r}; use affine or homography")
-    if inliers is None:
-        return np.zeros(n, bool)
-    mask = inliers.ravel().astype(bool)
+    mask = np.zeros(n, bool)
+    if inliers is not None:
+        mask[order] = inliers.ravel().astype(bool)
     # a transform fitted to its minimal sample explains it trivially: no evidence
     return mask if mask.sum() >= MIN_MATCHES else np.zeros(n, bool)
 
@@ -131,14 +172,20 @@ def match_pairs(
     model: str = "affine",
     ratio: float = RATIO,
     mutual: bool = True,
+    symmetric: bool = SYMMETRIC,
 ) -> list[PairMatch]:
     """Match pair i = (a_sets[i], b_sets[i]), each (xy [n, 2], descriptors [n, 128]).
 
     Pairs go through the jitted matcher `batch` at a time (padded to `max_keypoints`, the
     last batch padded with empty pairs, so it compiles once), then through `verify`.
+    `symmetric` (mutual matching only): the pair is matched both ways (`two_way_matches`),
+    each way verified on its own, and the counts summed, so a pair scores the same
+    whichever crop is the query.
     """
     if len(a_sets) != len(b_sets):
         raise ValueError(f"{len(a_sets)} first crops but {len(b_sets)} second crops")
+    if symmetric and not mutual:
+        raise ValueError("symmetric matching needs mutual nearest neighbours (mutual=True)")
     out: list[PairMatch] = []
     empty = (np.zeros((0, 2), np.float32), np.zeros((0, features.DESCRIPTOR_DIMS), np.float32))
     for start in range(0, len(a_sets), batch):
@@ -149,10 +196,24 @@ def match_pairs(
         chunk_b += [empty] * (batch - real)
         a, a_valid = pad([d for _, d in chunk_a], max_keypoints)
         b, b_valid = pad([d for _, d in chunk_b], max_keypoints)
-        best = np.asarray(mutual_ratio_matches(a, a_valid, b, b_valid, ratio, mutual=mutual))
+        if symmetric:
+            ways = np.asarray(two_way_matches(a, a_valid, b, b_valid, ratio))
+        else:
+            ways = np.asarray(mutual_ratio_matches(a, a_valid, b, b_valid, ratio, mutual=mutual))
+            ways = ways[None]
         for i in range(real):
-            rows = np.flatnonzero(best[i] >= 0)
-            xy_a, xy_b = distinct(chunk_a[i][0][rows], chunk_b[i][0][best[i][rows]])
-            inlier = verify(xy_a, xy_b, model=model)
-            out.append(PairMatch(len(xy_a), int(inlier.sum()), xy_a[inlier], xy_b[inlier]))
+            xy_a, xy_b = chunk_a[i][0], chunk_b[i][0]
+            tentative, inliers, shown_a, shown_b = 0, 0, [], []
+            for way, best in enumerate(ways[:, i]):
+                rows = np.flatnonzero(best >= 0)
+                found_a, found_b = distinct(xy_a[rows], xy_b[best[rows]])
+                # the way back is verified b -> a, as if b were the query
+                inlier = verify(
+                    *((found_a, found_b) if way == 0 else (found_b, found_a)), model=model
+                )
+                tentative, inliers = tentative + len(found_a), inliers + int(inlier.sum())
+                shown_a.append(found_a[inlier])
+                shown_b.append(found_b[inlier])
+            shown_a, shown_b = distinct(np.concatenate(shown_a), np.concatenate(shown_b))
+            out.append(PairMatch(tentative, inliers, shown_a, shown_b))
     return out

@@ -1,4 +1,6 @@
-"""A query's deep top-k re-scored by local matches: inliers per (query, candidate) pair."""
+"""A query's deep top-k re-scored by local matches: verified inliers per (query, candidate)
+pair, counted both ways (`matching.match_pairs`), so the score does not depend on which crop
+is the query."""
 
 from __future__ import annotations
 
@@ -18,10 +20,6 @@ def stores_for(*sets: embeddings_io.Embeddings) -> dict[str, store.Store]:
     return out
 
 
-def keypoints(data: embeddings_io.Embeddings, stores: dict[str, store.Store], row: int):
-    return stores[data.meta.get("dataset", "")].get(str(data.keys[row]))
-
-
 def pair_matches(
     queries: embeddings_io.Embeddings,
     gallery: embeddings_io.Embeddings,
@@ -32,21 +30,41 @@ def pair_matches(
     batch: int = 64,
     progress: bool = False,
 ) -> np.ndarray:
-    """Verified inliers int32 [Q, k] for every candidate in `indices` (-1 where empty)."""
+    """Pair scores int32 [Q, k] (verified inliers, both ways summed) for every candidate in
+    `indices` (-1 where empty).
+
+    The score is symmetric, so a pair met twice — (a, b) and (b, a), as when a labelled
+    gallery is matched against itself — is matched once."""
     from tqdm import tqdm
+
+    def crop(data: embeddings_io.Embeddings, row: int) -> tuple[str, str]:
+        return data.meta.get("dataset", ""), str(data.keys[row])  # (feature store, key)
 
     inliers = np.full(indices.shape, -1, np.int32)
     rows, cols = np.nonzero(indices >= 0)
+    unique: dict[tuple, int] = {}  # unordered pair of crops -> its place in `pairs`
+    which = np.array(
+        [
+            unique.setdefault(tuple(sorted((crop(queries, r), crop(gallery, g)))), len(unique))
+            for r, g in zip(rows, indices[rows, cols])
+        ],
+        np.int64,
+    )
+    pairs = list(unique)
+    scores = np.zeros(len(pairs), np.int32)
     max_keypoints = max(int(s.settings.get("max_keypoints", 500)) for s in stores.values())
     step = batch * 16
-    with tqdm(total=len(rows), desc="local match", unit="pair", disable=not progress) as bar:
-        for start in range(0, len(rows), step):
-            r, c = rows[start : start + step], cols[start : start + step]
-            a = [keypoints(queries, stores, i) for i in r]
-            b = [keypoints(gallery, stores, j) for j in indices[r, c]]
+    with tqdm(total=len(pairs), desc="local match", unit="pair", disable=not progress) as bar:
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
             found = matching.match_pairs(
-                a, b, max_keypoints=max_keypoints, batch=batch, model=model
+                [stores[dataset].get(key) for (dataset, key), _ in chunk],
+                [stores[dataset].get(key) for _, (dataset, key) in chunk],
+                max_keypoints=max_keypoints,
+                batch=batch,
+                model=model,
             )
-            inliers[r, c] = [m.inliers for m in found]
-            bar.update(len(r))
+            scores[start : start + len(chunk)] = [m.inliers for m in found]
+            bar.update(len(chunk))
+    inliers[rows, cols] = scores[which]
     return inliers
