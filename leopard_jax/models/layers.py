@@ -257,11 +257,12 @@ def _normalize_batch_bwd(epsilon, axis_name, residuals, cotangents):
 normalize_batch.defvjp(_normalize_batch_fwd_rule, _normalize_batch_bwd)
 
 
-class TrainBatchNorm(nn.Module):
-    """flax's `nn.BatchNorm` in training (same variables: params scale/bias, batch_stats
-    mean/var; same numbers) over the last axis, with `normalize_batch`'s hand-written
-    gradient. Statistics and parameters are float32 whatever the compute `dtype`."""
+class BatchNorm(nn.Module):
+    """flax's `nn.BatchNorm` (same variables: params scale/bias, batch_stats mean/var; same
+    numbers) over the last axis, with `normalize_batch`'s hand-written gradient in training.
+    Statistics and parameters are float32 whatever the compute `dtype`."""
 
+    use_running_average: bool
     epsilon: float
     momentum: float = BN_MOMENTUM
     axis_name: str | None = None
@@ -274,10 +275,14 @@ class TrainBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        y, mean, var = normalize_batch(x, scale, bias, self.epsilon, self.axis_name)
-        if not self.is_initializing():
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        if self.use_running_average:
+            rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            y = (x.astype(jnp.float32) - ra_mean.value) * (rstd * scale) + bias
+        else:
+            y, mean, var = normalize_batch(x, scale, bias, self.epsilon, self.axis_name)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y.astype(self.dtype)
 
 
@@ -288,23 +293,15 @@ def batch_norm(
     variance, fp32 scale/bias/statistics whatever the compute dtype. The top module builds it
     once from `train` and hands it to its blocks, which call `norm(name=...)`.
 
-    Training uses `TrainBatchNorm` (its gradient is written by hand), inference flax's
-    `nn.BatchNorm` (the exporter writes it as one ONNX BatchNormalization, which ONNX
-    Runtime folds into the convolution before it); both hold the same variables.
     `axis_name` (a pmap axis) makes training statistics those of the global batch, so 1 or N
     devices compute the same step."""
-    if train:
-        return functools.partial(
-            TrainBatchNorm, axis_name=axis_name, momentum=BN_MOMENTUM, epsilon=epsilon, dtype=dtype
-        )
     return functools.partial(
-        nn.BatchNorm,
-        use_running_average=True,
-        use_fast_variance=False,
+        BatchNorm,
+        use_running_average=not train,
+        axis_name=axis_name if train else None,
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
         dtype=dtype,
-        param_dtype=jnp.float32,
     )
 
 
