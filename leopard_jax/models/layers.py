@@ -200,92 +200,6 @@ class DepthwiseConv(nn.Module):
         return impl(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
 
 
-def _pmean(x, axis_name: str | None):
-    return jax.lax.pmean(x, axis_name) if axis_name else x
-
-
-def batch_stats(x, axis_name: str | None):
-    """float32 per-channel mean and two-pass variance over all but the last axis (and over
-    the devices of `axis_name`): flax's `use_fast_variance=False`, as E[x²]−E[x]² cancels
-    badly in float32."""
-    axes = tuple(range(x.ndim - 1))
-    x = x.astype(jnp.float32)
-    mean = _pmean(jnp.mean(x, axes), axis_name)
-    var = _pmean(jnp.mean(jnp.square(x - mean), axes), axis_name)
-    return mean, var
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def normalize_batch(x, scale, bias, epsilon: float, axis_name: str | None):
-    """Training-mode batch norm of `x` by its own (global) batch statistics; returns
-    (float32 y, mean, var). The gradient is written by hand: XLA on CPU runs the
-    autodiff one as ~10 passes over the activation, this one as 4, which made batch norm's
-    forward + backward 2-3x faster there (issue 20's note)."""
-    y, (mean, var), _ = _normalize_batch_fwd(x, scale, bias, epsilon, axis_name)
-    return y, mean, var
-
-
-def _normalize_batch_fwd(x, scale, bias, epsilon, axis_name):
-    mean, var = batch_stats(x, axis_name)
-    rstd = jax.lax.rsqrt(var + epsilon)
-    y = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias  # flax's order of operations
-    return y, (mean, var), (x, mean, rstd, scale)
-
-
-def _normalize_batch_fwd_rule(x, scale, bias, epsilon, axis_name):
-    y, (mean, var), residuals = _normalize_batch_fwd(x, scale, bias, epsilon, axis_name)
-    return (y, mean, var), residuals
-
-
-def _normalize_batch_bwd(epsilon, axis_name, residuals, cotangents):
-    """dx = scale·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), means over the global batch; the
-    statistics' own outputs (running averages) carry no gradient."""
-    del epsilon
-    x, mean, rstd, scale = residuals
-    dy = cotangents[0]
-    axes = tuple(range(x.ndim - 1))
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    dbias = jnp.sum(dy, axes)
-    dscale = jnp.sum(dy * xhat, axes)
-    count = x.size // x.shape[-1]
-    mean_dy = _pmean(dbias / count, axis_name)
-    mean_dy_xhat = _pmean(dscale / count, axis_name)
-    dx = (scale * rstd) * (dy - mean_dy - xhat * mean_dy_xhat)
-    return dx.astype(x.dtype), dscale, dbias
-
-
-normalize_batch.defvjp(_normalize_batch_fwd_rule, _normalize_batch_bwd)
-
-
-class BatchNorm(nn.Module):
-    """flax's `nn.BatchNorm` (same variables: params scale/bias, batch_stats mean/var; same
-    numbers) over the last axis, with `normalize_batch`'s hand-written gradient in training.
-    Statistics and parameters are float32 whatever the compute `dtype`."""
-
-    use_running_average: bool
-    epsilon: float
-    momentum: float = BN_MOMENTUM
-    axis_name: str | None = None
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        if self.use_running_average:
-            rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
-            y = (x.astype(jnp.float32) - ra_mean.value) * (rstd * scale) + bias
-        else:
-            y, mean, var = normalize_batch(x, scale, bias, self.epsilon, self.axis_name)
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y.astype(self.dtype)
-
-
 def batch_norm(
     train: bool, *, epsilon: float, dtype: Dtype = jnp.float32, axis_name: str | None = None
 ) -> ModuleDef:
@@ -296,12 +210,14 @@ def batch_norm(
     `axis_name` (a pmap axis) makes training statistics those of the global batch, so 1 or N
     devices compute the same step."""
     return functools.partial(
-        BatchNorm,
+        nn.BatchNorm,
         use_running_average=not train,
         axis_name=axis_name if train else None,
+        use_fast_variance=False,  # two-pass variance: E[x²]−E[x]² cancels badly in float32
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
         dtype=dtype,
+        param_dtype=jnp.float32,
     )
 
 
