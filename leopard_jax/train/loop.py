@@ -53,10 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_rows, test_rows = rows.split_rows(records.read_manifest(config.data_dir), config, workdir)
     classes = pipeline.class_names(train_rows)
     train_labels = pipeline.label_array(train_rows, classes)
-    # The held-out images go to the devices once, when they fit (config.eval.cache_mb).
-    test_images = evaluation.held_out_images(
-        records.RecordSource(config.data_dir, test_rows), config
-    )
+    test_images = records.RecordSource(config.data_dir, test_rows)
     test_labels = pipeline.label_array(test_rows, pipeline.class_names(test_rows))
     steps_per_epoch = epoch_length(config, train_rows, train_labels)
 
@@ -91,6 +88,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ckpts.close()
         return Outcome({}, host_state)
 
+    # The held-out images go to the devices once, when they fit (config.eval.cache_mb).
+    test_images = evaluation.held_out_images(test_images, config)
     p_train_step = jax.pmap(
         functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss),
         axis_name=parallel.AXIS,
