@@ -28,8 +28,9 @@ SCORE = "verified inliers, both ways summed" if SYMMETRIC else "verified inliers
 
 
 def _nearest(a, a_valid, b, b_valid):
-    """Similarities [P, N, M] (-inf off the valid rows), each a row's best b column and each
-    b column's best a row, and the row-wise and column-wise (best, second best) distances."""
+    """Similarities [P, N, M] (-inf off the valid rows), each a row's best b column, each
+    b column's best a row, whether a row and its best column are each other's best, and the
+    row-wise (best, second best) distances."""
     sim = jnp.einsum("pnd,pmd->pnm", a, b, precision=jax.lax.Precision.HIGHEST)
     valid = a_valid[:, :, None] & b_valid[:, None, :]
     sim = jnp.where(valid, sim, -jnp.inf)
@@ -39,7 +40,8 @@ def _nearest(a, a_valid, b, b_valid):
     columns = jnp.arange(b.shape[1])[None, None, :]
     second = jnp.max(jnp.where(columns == best[..., None], -jnp.inf, sim), axis=2)
     back = jnp.argmax(sim, axis=1)  # [P, M]: each b row's best a row
-    return sim, best, back, _distance(first), _distance(second)
+    is_mutual = jnp.take_along_axis(back, best, axis=1) == jnp.arange(a.shape[1])[None, :]
+    return sim, best, back, is_mutual, _distance(first), _distance(second)
 
 
 def _distance(similarity):
@@ -58,8 +60,7 @@ def mutual_ratio_matches(a, a_valid, b, b_valid, ratio=RATIO, mutual=True):
     other's nearest neighbour (`mutual`) and Lowe's ratio (best distance / second best, both a→b)
     is below `ratio`. Returns int32 [P, N].
     """
-    _, best, back, d1, d2 = _nearest(a, a_valid, b, b_valid)
-    is_mutual = jnp.take_along_axis(back, best, axis=1) == jnp.arange(a.shape[1])[None, :]
+    _, best, _, is_mutual, d1, d2 = _nearest(a, a_valid, b, b_valid)
     keep = (is_mutual | (not mutual)) & jnp.isfinite(d1) & (d1 < ratio * d2)
     return jnp.where(keep & a_valid, best, -1).astype(jnp.int32)
 
@@ -74,10 +75,9 @@ def two_way_matches(a, a_valid, b, b_valid, ratio=RATIO):
     second similar spot, so a pair's matches depend on which crop is the query; rosettes
     repeat, and each way drops different true matches. One similarity matrix serves both.
     """
-    sim, best, back, d1, d2 = _nearest(a, a_valid, b, b_valid)
+    sim, best, back, is_mutual, d1, d2 = _nearest(a, a_valid, b, b_valid)
     rows = jnp.arange(a.shape[1])[None, :, None]
     column_second = _distance(jnp.max(jnp.where(rows == back[:, None, :], -jnp.inf, sim), axis=1))
-    is_mutual = jnp.take_along_axis(back, best, axis=1) == jnp.arange(a.shape[1])[None, :]
     mutual = is_mutual & jnp.isfinite(d1) & a_valid
     b_second = jnp.take_along_axis(column_second, best, axis=1)  # [P, N]
     forward = jnp.where(mutual & (d1 < ratio * d2), best, -1)
