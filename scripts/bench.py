@@ -12,7 +12,9 @@ of --step-ms as a fraction of the stand-in's rate, the epoch-boundary stall; bat
 
 For each part both sides run in this process, alternating (leopard_jax k steps, reference
 k steps, repeat) after warm-up, so a machine that is busy or throttles hurts both alike.
-Reported: images/s of each side, the ratio leopard_jax / reference, compile time, peak RSS.
+Reported: images/s of each side, the ratio leopard_jax / reference, compile time, peak RSS
+(train and embed on a CPU: also each side run alone in a child process, `peak_rss_alone_mib`,
+the memory figure to compare: in the shared process each side's peak includes the other's).
 
 Why the bench refuses: a ratio between two programs that compute different things is
 meaningless. Train and embed start from the same weights (random torch weights converted to
@@ -103,6 +105,17 @@ _BACKBONE = flags.DEFINE_string(
 _CLASSES = flags.DEFINE_integer(
     "classes", NUM_CLASSES, "CosFace classes", lower_bound=1, flag_values=FLAGS
 )
+_DIMS = flags.DEFINE_integer(
+    "dims", 1024, "embedding dimensions of both sides", lower_bound=1, flag_values=FLAGS
+)
+_PEAK_OF = flags.DEFINE_enum(
+    "peak-of",
+    None,
+    ["leopard_jax", "reference"],
+    "train/embed only: run just this side for a few steps and print its peak RSS as JSON "
+    "(how the parent measures each side's memory alone, in a process of its own)",
+    flag_values=FLAGS,
+)
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "torch threads (0: the cores JAX sees)", lower_bound=0, flag_values=FLAGS
 )
@@ -185,6 +198,84 @@ class RssSampler:
 
 def process_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def own_peak_rss_mib() -> float:
+    """This address space's peak RSS (VmHWM), where Linux has it: unlike ru_maxrss, which
+    a child started with fork + exec inherits from its parent, VmHWM starts afresh at exec."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return process_peak_rss_mib()
+
+
+def peak_alone_argv(part: str, label: str, cfg: Config) -> list[str]:
+    """The command line of a child that runs one side of `part` alone (`--peak-of`)."""
+    return [
+        sys.executable,
+        str(pathlib.Path(__file__).resolve()),
+        part,
+        f"--peak-of={label}",
+        f"--batch={cfg.batch}",
+        f"--size={cfg.height},{cfg.width}",
+        f"--device={cfg.device}",
+        f"--dtype={cfg.dtype}",
+        f"--backbone={cfg.backbone}",
+        f"--dims={cfg.dims}",
+        f"--classes={cfg.num_classes}",
+        f"--threads={cfg.threads}",
+    ]
+
+
+def peaks_alone(part: str, cfg: Config) -> dict:
+    """Peak RSS (MiB) of each side of train/embed run alone, in a child process of its own,
+    and their ratio.
+
+    Why: in the timing run both sides share one process, so each side's sampled peak
+    includes the other's resident memory and the allocator's leftovers (in one run the
+    sampled peaks were 8005 and 7962 MiB; alone, the same two steps peaked at 6239 and
+    3021). Each child imports both frameworks and builds the same weights, so what differs
+    between the two figures is the side's own step: compile, activations, buffers.
+    """
+    import subprocess
+
+    peaks = {}
+    for label in ("leopard_jax", "reference"):
+        done = subprocess.run(
+            peak_alone_argv(part, label, cfg), capture_output=True, text=True, check=False
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode or not lines:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BenchError(f"{part} --peak-of {label} failed: {last}")
+        peaks[label] = json.loads(lines[-1])["peak_rss_mib"]
+    peaks["ratio"] = round(peaks["leopard_jax"] / peaks["reference"], 3)
+    return peaks
+
+
+def run_side_alone(part: str, label: str, cfg: Config, steps: int = 3) -> dict:
+    """The child of `peaks_alone`: one side of train/embed, `steps` steps (the first
+    compiles), then this process's peak RSS."""
+    setup_devices(cfg)
+    models = build_models(cfg)
+    if part == "train":
+        images, labels = synthetic_batch(cfg)
+        if label == "leopard_jax":
+            side, _ = JaxTrain(models, cfg, images, labels).side()
+        else:
+            side, _ = torch_train_side(models, cfg, images, labels)
+    elif part == "embed":
+        images = synthetic_images(cfg)
+        make = jax_embed_side if label == "leopard_jax" else torch_embed_side
+        side, _ = make(models, cfg, images)
+    else:
+        raise BenchError(f"--peak-of measures train or embed, not {part}")
+    for _ in range(steps):
+        side.step()
+    return {"part": part, "side": label, "peak_rss_mib": round(own_peak_rss_mib(), 1)}
 
 
 def time_alternating(
@@ -1027,6 +1118,13 @@ def table(results: list[dict]) -> str:
             lines.append(f"    {'refused' if b else 'note'}: {reason}")
     lines.append("")
     for r in results:
+        if "peak_rss_alone_mib" in r:
+            m = r["peak_rss_alone_mib"]
+            lines.append(
+                f"{r['part']}: peak RSS, each side alone: leopard_jax {m['leopard_jax']:.0f} MiB,"
+                f" reference {m['reference']:.0f} MiB ({m['ratio']:.2f}x)"
+            )
+    for r in results:
         if "skipped" not in r and r.get("reference"):
             lines.append(f"{r['part']}: reference = {r['reference']['reference']}")
     return "\n".join(lines)
@@ -1071,6 +1169,8 @@ def run(
                 found = data_part(cfg) if part == "data" else preprocess_part(cfg)
             except ModuleNotFoundError as e:  # e.g. a GPU image without grain or rembg
                 found = {"part": part, "skipped": f"{e}; pip install the project to bench it"}
+        if part in ("train", "embed") and cfg.device == "cpu":
+            found["peak_rss_alone_mib"] = peaks_alone(part, cfg)  # the memory figures
         found = found if isinstance(found, list) else [found]  # preprocess: one per stage
         wall_s = round(time.perf_counter() - start, 1)
         for result in found:
@@ -1117,6 +1217,7 @@ def settings(rest: list[str]) -> tuple[list[str], Config, str | None]:
         rounds=_ROUNDS.value,
         backbone=_BACKBONE.value,
         num_classes=_CLASSES.value,
+        dims=_DIMS.value,
         threads=_THREADS.value,
         u2netp=_U2NETP.value,
         yolox=_YOLOX.value,
@@ -1141,6 +1242,11 @@ def command(rest: list[str]) -> None:
     else:  # JAX preallocates 75 % of the GPU by default; leave torch its share
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     parts, cfg, json_out = settings(rest)
+    if _PEAK_OF.value:
+        if parts not in (["train"], ["embed"]):
+            raise BenchError("--peak-of needs one part: train or embed")
+        print(json.dumps(run_side_alone(parts[0], _PEAK_OF.value, cfg)))
+        return
 
     def write(report: dict) -> None:
         if json_out:

@@ -180,3 +180,19 @@ def test_a_part_without_reference_prints_its_own_figures():
     text = bench.table([{"part": "local", "figures": {"match_verify_ms_per_pair": 4.4}}])
     assert "local" in text and "match_verify_ms_per_pair 4.4" in text
     assert "local" in bench.PARTS
+
+
+def test_each_side_alone_reports_its_own_peak_memory():
+    """Two child processes, one per side (`--peak-of`): each runs its steps and reports a
+    peak above what importing both frameworks and building the weights costs."""
+    peaks = bench.peaks_alone("train", CFG)
+    for side in ("leopard_jax", "reference"):
+        assert peaks[side] > 300, peaks  # torch + jax + a built model, in MiB
+    assert peaks["ratio"] == round(peaks["leopard_jax"] / peaks["reference"], 3)
+    text = bench.table([{"part": "train", "skipped": "x", "peak_rss_alone_mib": peaks}])
+    assert f"leopard_jax {peaks['leopard_jax']:.0f} MiB" in text
+
+
+def test_peak_of_measures_train_or_embed_only(capsys):
+    assert bench.main(["local", "--peak-of=reference"]) == 2
+    assert "--peak-of needs one part: train or embed" in capsys.readouterr().err

@@ -10,17 +10,21 @@ import sys
 from leopard_jax import xla_flags
 
 FLAG = "xla_cpu_experimental_ynn_fusion_type"
+OURS = [f"--{name}={value}" for name, value in xla_flags.FLAGS.items()]
 
 
 def test_merged_appends_and_keeps_the_users_own_setting():
-    ours = f"--{FLAG}={xla_flags.FLAGS[FLAG]}"
-    assert xla_flags.merged("") == ours
+    assert FLAG in xla_flags.FLAGS
+    assert xla_flags.merged("").split() == OURS
     assert xla_flags.merged("--xla_force_host_platform_device_count=2").split() == [
         "--xla_force_host_platform_device_count=2",
-        ours,
+        *OURS,
     ]
-    assert xla_flags.merged(f"--{FLAG}=individual_dot") == f"--{FLAG}=individual_dot"
-    assert xla_flags.merged(xla_flags.merged("")) == ours  # idempotent
+    # the user's own value of one of ours wins, in place; the others are still added
+    mine = xla_flags.merged(f"--{FLAG}=individual_dot").split()
+    others = [f for f in OURS if not f.startswith(f"--{FLAG}=")]
+    assert others and mine == [f"--{FLAG}=individual_dot", *others]
+    assert xla_flags.merged(xla_flags.merged("")).split() == OURS  # idempotent
 
 
 def run_fresh(env_extra: dict[str, str]) -> str:
@@ -44,7 +48,7 @@ def run_fresh(env_extra: dict[str, str]) -> str:
 def test_a_fresh_process_gets_the_flags_unless_opted_out():
     flags = run_fresh({})
     if xla_flags._jaxlib_version() in xla_flags.JAXLIB_TESTED:
-        assert f"--{FLAG}=" in flags
+        assert flags.split() == OURS
     else:
         assert flags == ""  # an untested jaxlib may lack the flag, which would abort XLA
     assert run_fresh({xla_flags.OPT_OUT: "0"}) == ""
