@@ -5,7 +5,8 @@
         --out matches.csv
 
 `--rerank local` matches each query's deep top-k by local features (SIFT, verified by
-RANSAC; the dataset's store from `python -m leopard_jax.local`), maps both scores to
+RANSAC; the dataset's store from `python -m leopard_jax.local`; the score expanded through
+the query's strongly verified candidates, `local.rerank`), maps both scores to
 P(same individual) and fuses them (`leopard_jax.local.calibration`), and orders the
 candidates by the fused probability. On a labelled gallery matched against itself the
 calibrator is cross-fitted by individual (no query is scored by a calibrator that saw its
@@ -45,7 +46,15 @@ CSV_FIELDS = (
     "similarity",
 )
 # with --rerank local: the deep rank, the local score and the calibrated probabilities
-RERANK_FIELDS = ("deep_rank", "local_inliers", "p_deep", "p_local", "p_fused", "new_individual")
+RERANK_FIELDS = (
+    "deep_rank",
+    "local_inliers",
+    "local_score",
+    "p_deep",
+    "p_local",
+    "p_fused",
+    "new_individual",
+)
 
 FLAGS = flags.FlagValues()
 _EMBEDDINGS = flags.DEFINE_string(
@@ -234,10 +243,10 @@ def reranked_rows(queries, gallery, indices, similarities, *, same_set: bool):
     if not same_set or not np.any(queries.identities != ""):
         saved_calibrator(gallery)  # fail before the matching, not after
     stores = rerank.stores_for(queries, gallery)
-    inliers = rerank.pair_matches(
+    inliers, local = rerank.local_scores(
         queries, gallery, indices, stores, model=_GEOMETRY.value, progress=True
     )
-    probability, threshold = calibrated(queries, gallery, indices, similarities, inliers, same_set)
+    probability, threshold = calibrated(queries, gallery, indices, similarities, local, same_set)
     # fused order; ties (and empty slots, at -1) keep the deep order
     fused = np.where(indices >= 0, probability["fused"], -1.0)
     order = np.argsort(-fused, axis=1, kind="stable")
@@ -246,6 +255,7 @@ def reranked_rows(queries, gallery, indices, similarities, *, same_set: bool):
     extra = {
         "deep_rank": take(np.broadcast_to(np.arange(1, indices.shape[1] + 1), indices.shape)),
         "local_inliers": take(inliers),
+        "local_score": take(local),
         **{f"p_{name}": take(p) for name, p in probability.items()},
         "new_individual": np.broadcast_to(
             ((best < threshold) & (best >= 0))[:, None], indices.shape
@@ -255,7 +265,7 @@ def reranked_rows(queries, gallery, indices, similarities, *, same_set: bool):
     return table, CSV_FIELDS + RERANK_FIELDS
 
 
-def calibrated(queries, gallery, indices, similarities, inliers, same_set: bool):
+def calibrated(queries, gallery, indices, similarities, local, same_set: bool):
     """({"deep", "local", "fused"} -> P(same) [Q, k], new-individual threshold).
 
     A labelled gallery against itself is cross-fitted by individual and the calibrator
@@ -273,16 +283,16 @@ def calibrated(queries, gallery, indices, similarities, inliers, same_set: bool)
     out = {n: np.zeros(indices.shape) for n in ("deep", "local", "fused")}
     if same_set and labelled.any():
         r, c = r[labelled], c[labelled]
-        deep, local = similarities[r, c], inliers[r, c]
+        deep, pair_local = similarities[r, c], local[r, c]
         same = q_class[r] == g_class[indices[r, c]]
         groups, candidate_groups = q_class[r], g_class[indices[r, c]]
         for name, p in calibration.cross_fit(
-            deep, local, same, groups, candidate_groups=candidate_groups
+            deep, pair_local, same, groups, candidate_groups=candidate_groups
         ).items():
             out[name][r, c] = p
         calibrator = calibration.fit(
             deep,
-            local,
+            pair_local,
             same,
             groups=groups,
             candidate_groups=candidate_groups,
@@ -300,7 +310,7 @@ def calibrated(queries, gallery, indices, similarities, inliers, same_set: bool)
         return out, calibrator["new_individual_threshold"]
     calibrator = saved_calibrator(gallery)
     r, c = np.nonzero(real)
-    for name, p in calibration.probabilities(calibrator, similarities[r, c], inliers[r, c]).items():
+    for name, p in calibration.probabilities(calibrator, similarities[r, c], local[r, c]).items():
         out[name][r, c] = p
     return out, calibrator["new_individual_threshold"]
 

@@ -109,11 +109,12 @@ def evaluate_matches(
             [_class_of(r["match_identity"], r["match_flank"], by_flank) == q_class for r in rows]
         )
         deep_rank = np.array([int(r["deep_rank"]) for r in rows])
-        inliers = np.array([int(r["local_inliers"]) for r in rows])
+        # the local score (expanded); a CSV written before it existed has the inliers only
+        local = np.array([float(r.get("local_score") or r["local_inliers"]) for r in rows])
         order = {
             "fused": np.arange(len(rows)),
             "deep": np.argsort(deep_rank, kind="stable"),
-            "local": np.lexsort((deep_rank, -inliers)),
+            "local": np.lexsort((deep_rank, -local)),
         }
         for name in RANKINGS:
             hits = same[order[name]][:k_max]

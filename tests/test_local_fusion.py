@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_local_features import spots, warp
 
-from leopard_jax.local import calibration, features, matching
+from leopard_jax.local import calibration, features, matching, rerank
 
 
 def test_equalize_is_opencvs_over_the_whole_crop_and_uses_only_the_masked_levels():
@@ -108,10 +108,14 @@ def test_the_chosen_fusion_is_saved_applied_without_refitting_and_checked_on_loa
     with pytest.raises(calibration.CalibratorError, match="fusion 'average'"):
         calibration.load(path, "m1")
     # one fitted on another count of local matches (before the two-way score: one way)
-    assert fitted["local_score"] == matching.SCORE
+    assert fitted["local_score"] == rerank.SCORE
     one_way = {k: v for k, v in fitted.items() if k != "local_score"}
     path.write_text(json.dumps(one_way))
     with pytest.raises(calibration.CalibratorError, match="count verified inliers, but"):
+        calibration.load(path, "m1")
+    # one fitted on the pair score before the expansion: refused, naming the refit command
+    path.write_text(json.dumps({**fitted, "local_score": matching.SCORE}))
+    with pytest.raises(calibration.CalibratorError, match="--rerank local --top-k all"):
         calibration.load(path, "m1")
 
 

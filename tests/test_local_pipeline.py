@@ -272,3 +272,92 @@ def test_rerank_matches_each_pair_once_however_often_it_is_met(dataset, monkeypa
     one = features[str(root)]
     direct = real([one.get(data.keys[0])], [one.get(data.keys[1])])[0].inliers
     assert full[0, 1] == direct >= 30  # L0/p0 against its warped copy, as matched directly
+
+
+def expanded_reference(S: np.ndarray) -> np.ndarray:
+    """`rerank.expand` over a whole symmetric score matrix, written as array operations:
+    max(S[q, g], w * max over j of min(S[q, j], S[j, g])), j among q's EXPAND_NEIGHBOURS
+    highest with S[q, j] >= EXPAND_MIN_INLIERS, j != g, q."""
+    from leopard_jax.local import rerank
+
+    n = len(S)
+    off = ~np.eye(n, dtype=bool)
+    rank = np.argsort(np.argsort(-np.where(off, S, -1), axis=1, kind="stable"), axis=1)
+    lends = (S >= rerank.EXPAND_MIN_INLIERS) & off & (rank < rerank.EXPAND_NEIGHBOURS)  # [q, j]
+    through = np.minimum(S[:, :, None], S[None, :, :])  # [q, j, g]
+    best = np.where(lends[:, :, None] & off[None, :, :], through, 0).max(axis=1)
+    return np.maximum(S, rerank.EXPAND_WEIGHT * best)
+
+
+def test_expansion_reaches_a_mate_through_a_strongly_verified_third_photo():
+    from leopard_jax.local import rerank
+
+    # the cases below are written for these
+    assert (rerank.EXPAND_MIN_INLIERS, rerank.EXPAND_WEIGHT, rerank.EXPAND_NEIGHBOURS) == (
+        15,
+        0.5,
+        1,
+    )
+    S = np.array([[0, 40, 0, 4], [40, 0, 30, 10], [0, 30, 0, 14], [4, 10, 14, 0]])
+    n = len(S)
+    indices = np.array([[j for j in range(n) if j != q] for q in range(n)])
+    inliers = np.take_along_axis(S, indices, axis=1)
+    links = rerank.links(inliers, indices)
+    # each row's strongest: 0 -> 1 (40), 1 -> 0 (40), 2 -> 1 (30); row 3's best (14) lends nothing
+    assert links == {(1, 2), (1, 3), (0, 2), (0, 3), (1, 0)}
+    scores = rerank.expand(inliers, indices, lambda j, g: int(S[j, g]))
+    full = np.zeros((n, n))
+    np.put_along_axis(full, indices, scores, axis=1)
+    assert full[0, 2] == 15.0  # 0 and 2 share nothing, each verifies strongly with 1
+    assert full[0, 3] == 5.0  # half of min(40, 10) beats its own 4
+    assert full[3].tolist() == [4, 10, 14, 0]  # no strong candidate: its own scores
+    np.testing.assert_array_equal(full, expanded_reference(S.astype(float)) * (1 - np.eye(n)))
+    # only the strongest lends: 0's fourth-strongest candidate (20 inliers) reaches 5 alone
+    S = np.zeros((6, 6), int)
+    S[0, 1:5] = S[1:5, 0] = [50, 40, 30, 20]
+    S[4, 5] = S[5, 4] = 100
+    wide = np.array([[j for j in range(6) if j != q] for q in range(6)])
+    pairs = np.take_along_axis(S, wide, axis=1)
+    assert rerank.expand(pairs, wide, lambda j, g: int(S[j, g]))[0, 4] == 0  # via 4 only
+    assert (4, 5) not in rerank.links(pairs[:1], wide[:1])
+    S[1, 5] = S[5, 1] = 100
+    assert rerank.expand(pairs, wide, lambda j, g: int(S[j, g]))[0, 4] == 25.0  # via 1
+    # an empty slot stays empty and is never a link
+    indices[0, 2], inliers[0, 2] = -1, -1
+    assert rerank.expand(inliers, indices, lambda j, g: int(S[j, g]))[0, 2] == -1
+
+
+def test_local_scores_match_the_links_the_run_has_not_met(dataset, monkeypatch):
+    from leopard_jax.local import rerank
+
+    root, rows, embeddings = dataset
+    local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"])
+    data = embeddings_io.read(embeddings)
+    features = rerank.stores_for(data)
+    n = len(rows)
+    # each photo's two candidates: its mate (a warped copy, strongly verified) and the
+    # next individual's photo of the same number; the mate-to-that-photo pairs are met by
+    # no query
+    mate = [i ^ 1 for i in range(n)]
+    other = [(i + 2) % n for i in range(n)]
+    indices = np.array([[mate[i], other[i]] for i in range(n)])
+    real, matched = matching.match_pairs, []
+
+    def spy(a_sets, b_sets, **kw):
+        matched.append(len(a_sets))
+        return real(a_sets, b_sets, **kw)
+
+    monkeypatch.setattr(matching, "match_pairs", spy)
+    inliers, scores = rerank.local_scores(data, data, indices, features)
+    assert np.all(inliers[:, 0] >= rerank.EXPAND_MIN_INLIERS)
+    links = rerank.links(inliers, indices)
+    met = {tuple(sorted((i, int(j)))) for i in range(n) for j in indices[i]}
+    unmet = {tuple(sorted(link)) for link in links} - met
+    assert unmet and sum(matched) == len(met) + len(unmet)  # the links too, once each
+    one = features[str(root)]
+    between = {
+        (j, g): real([one.get(data.keys[j])], [one.get(data.keys[g])])[0].inliers for j, g in links
+    }
+    np.testing.assert_array_equal(
+        scores, rerank.expand(inliers, indices, lambda j, g: between[(j, g)])
+    )

@@ -14,7 +14,7 @@ keeping a single score unless both are better by over one standard error, and th
 calibrator records the choice, so `match` and the review page apply it as fitted.
 
 The calibrator is saved as a small JSON beside the model, tagged with the model's
-fingerprint and with what the local score counts (`matching.SCORE`): the deep score's
+fingerprint and with what the local score counts (`rerank.SCORE`): the deep score's
 meaning changes with the weights, the local one with the matcher, so a calibrator of
 another model or another matcher is refused.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from leopard_jax.local import matching
+from leopard_jax.local import rerank
 
 FILE_NAME = "calibrator.json"
 NEW_INDIVIDUAL_THRESHOLD = 0.5
@@ -92,7 +92,7 @@ def fit(
     weights = _fit_weights(x, same)
     calibrator: dict[str, Any] = {
         "model_fingerprint": model_fingerprint,
-        "local_score": matching.SCORE,
+        "local_score": rerank.SCORE,
         "weights": {n: w.tolist() for n, w in weights.items()},
         "fusion": "both",
         "pairs": int(len(same)),
@@ -238,6 +238,13 @@ def save(path, calibrator: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+REFIT = (
+    "fit a new one by matching a labelled gallery against itself "
+    "(`python -m leopard_jax.match --embeddings LABELLED.npz --rerank local --top-k all "
+    "--out M.csv`), which replaces it"
+)
+
+
 def load(path, model_fingerprint: str) -> dict[str, Any]:
     """A saved calibrator, refused when it was fitted for another model or on another
     local score."""
@@ -250,16 +257,16 @@ def load(path, model_fingerprint: str) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CalibratorError(f"{path}: not a calibrator ({e}); delete it to refit") from e
     counted = calibrator.get("local_score", "verified inliers")  # before it was recorded
-    if counted != matching.SCORE:
+    if counted != rerank.SCORE:
         raise CalibratorError(
             f"{path}: fitted on local scores that count {counted}, but this matcher counts "
-            f"{matching.SCORE}; delete it (or pass --refit) to fit one for this matcher"
+            f"{rerank.SCORE}; {REFIT}"
         )
     theirs = calibrator.get("model_fingerprint", "")
     if theirs != model_fingerprint:
         raise CalibratorError(
             f"{path}: fitted for model {theirs[:10] or '(unknown)'}, not this model "
             f"{model_fingerprint[:10] or '(unknown)'}: deep scores of two models do not mean the "
-            "same; delete it (or pass --refit) to fit one for this model"
+            f"same; {REFIT}"
         )
     return calibrator

@@ -34,7 +34,11 @@ class PairScorer:
         self._cache: dict[tuple[int, int], tuple[float, matching.PairMatch]] = {}
 
     def score(self, a: int, b: int) -> tuple[float, matching.PairMatch]:
-        """(fused P(same individual), verified correspondences) of rows a and b."""
+        """(fused P(same individual), verified correspondences) of rows a and b.
+
+        The pair's own evidence: `match` also lifts a candidate through a third photo that
+        both verify against (`rerank.expand`); on one pair on screen there is no third
+        photo, so a candidate ranked up that way shows its own, lower, probability."""
         if (a, b) not in self._cache:
             found = matching.match_pairs(
                 [self._keypoints(a)],
