@@ -15,7 +15,7 @@ from test_local_features import spots, warp
 from leopard_jax import embeddings_io, evaluate, match
 from leopard_jax.data import records
 from leopard_jax.local import __main__ as local_cli
-from leopard_jax.local import calibration, matching, store
+from leopard_jax.local import calibration, matching, rerank, store
 
 INDIVIDUALS, PHOTOS = 4, 2
 
@@ -248,22 +248,33 @@ def test_a_crop_without_keypoints_is_stored_and_matches_nothing(tmp_path):
     assert (found.tentative, found.inliers) == (0, 0)
 
 
-def test_rerank_matches_each_pair_once_however_often_it_is_met(dataset, monkeypatch):
-    from leopard_jax.local import rerank
-
+@pytest.fixture
+def stored(dataset):
+    """(root, rows, embeddings, {dataset: feature store}) with the store built."""
     root, rows, embeddings = dataset
     local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"])
     data = embeddings_io.read(embeddings)
-    features = rerank.stores_for(data)
-    n = len(rows)
-    indices = np.array([[j for j in range(n) if j != i] for i in range(n)])  # all against all
+    return root, rows, data, rerank.stores_for(data)
+
+
+def count_matched_pairs(monkeypatch) -> list[int]:
+    """Route `matching.match_pairs` through a counter: the list gets each call's pair
+    count."""
     real, matched = matching.match_pairs, []
 
-    def spy(a_sets, b_sets, **kw):
+    def counted(a_sets, b_sets, **kw):
         matched.append(len(a_sets))
         return real(a_sets, b_sets, **kw)
 
-    monkeypatch.setattr(matching, "match_pairs", spy)
+    monkeypatch.setattr(matching, "match_pairs", counted)
+    return matched
+
+
+def test_rerank_matches_each_pair_once_however_often_it_is_met(stored, monkeypatch):
+    root, rows, data, features = stored
+    n = len(rows)
+    indices = np.array([[j for j in range(n) if j != i] for i in range(n)])  # all against all
+    real, matched = matching.match_pairs, count_matched_pairs(monkeypatch)
     scores = rerank.pair_matches(data, data, indices, features)
     assert sum(matched) == n * (n - 1) // 2  # (a, b) and (b, a): one match
     full = np.zeros((n, n), int)
@@ -278,8 +289,6 @@ def expanded_reference(S: np.ndarray) -> np.ndarray:
     """`rerank.expand` over a whole symmetric score matrix, written as array operations:
     max(S[q, g], w * max over j of min(S[q, j], S[j, g])), j among q's EXPAND_NEIGHBOURS
     highest with S[q, j] >= EXPAND_MIN_INLIERS, j != g, q."""
-    from leopard_jax.local import rerank
-
     n = len(S)
     off = ~np.eye(n, dtype=bool)
     rank = np.argsort(np.argsort(-np.where(off, S, -1), axis=1, kind="stable"), axis=1)
@@ -290,8 +299,6 @@ def expanded_reference(S: np.ndarray) -> np.ndarray:
 
 
 def test_expansion_reaches_a_mate_through_a_strongly_verified_third_photo():
-    from leopard_jax.local import rerank
-
     # the cases below are written for these
     assert (rerank.EXPAND_MIN_INLIERS, rerank.EXPAND_WEIGHT, rerank.EXPAND_NEIGHBOURS) == (
         15,
@@ -327,13 +334,8 @@ def test_expansion_reaches_a_mate_through_a_strongly_verified_third_photo():
     assert rerank.expand(inliers, indices, lambda j, g: int(S[j, g]))[0, 2] == -1
 
 
-def test_local_scores_match_the_links_the_run_has_not_met(dataset, monkeypatch):
-    from leopard_jax.local import rerank
-
-    root, rows, embeddings = dataset
-    local_cli.main(["--data", str(root), "--workers", "1", "--no-progress"])
-    data = embeddings_io.read(embeddings)
-    features = rerank.stores_for(data)
+def test_local_scores_match_the_links_the_run_has_not_met(stored, monkeypatch):
+    root, rows, data, features = stored
     n = len(rows)
     # each photo's two candidates: its mate (a warped copy, strongly verified) and the
     # next individual's photo of the same number; the mate-to-that-photo pairs are met by
@@ -341,13 +343,7 @@ def test_local_scores_match_the_links_the_run_has_not_met(dataset, monkeypatch):
     mate = [i ^ 1 for i in range(n)]
     other = [(i + 2) % n for i in range(n)]
     indices = np.array([[mate[i], other[i]] for i in range(n)])
-    real, matched = matching.match_pairs, []
-
-    def spy(a_sets, b_sets, **kw):
-        matched.append(len(a_sets))
-        return real(a_sets, b_sets, **kw)
-
-    monkeypatch.setattr(matching, "match_pairs", spy)
+    real, matched = matching.match_pairs, count_matched_pairs(monkeypatch)
     inliers, scores = rerank.local_scores(data, data, indices, features)
     assert np.all(inliers[:, 0] >= rerank.EXPAND_MIN_INLIERS)
     links = rerank.links(inliers, indices)

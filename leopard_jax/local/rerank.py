@@ -58,20 +58,20 @@ def _pair(a: Crop, b: Crop) -> tuple[Crop, Crop]:
 
 
 def score_pairs(
-    pairs, stores: dict[str, store.Store], *, model: str, batch: int, progress: bool
-) -> dict[tuple[Crop, Crop], int]:
-    """Pair score (verified inliers, both ways summed) of each distinct pair of crops."""
+    pairs, stores: dict[str, store.Store], known: dict, *, model: str, batch: int, progress: bool
+) -> None:
+    """Put in `known` (unordered pair of crops -> pair score: verified inliers, both ways
+    summed) every pair of `pairs` not yet in it, each matched once."""
     from tqdm import tqdm
 
-    pairs = list(dict.fromkeys(pairs))
-    scores: dict[tuple[Crop, Crop], int] = {}
-    if not pairs:
-        return scores
+    todo = [p for p in dict.fromkeys(pairs) if p not in known]
+    if not todo:
+        return
     max_keypoints = max(int(s.settings.get("max_keypoints", 500)) for s in stores.values())
     step = batch * 16
-    with tqdm(total=len(pairs), desc="local match", unit="pair", disable=not progress) as bar:
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start : start + step]
+    with tqdm(total=len(todo), desc="local match", unit="pair", disable=not progress) as bar:
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
             found = matching.match_pairs(
                 [stores[dataset].get(key) for (dataset, key), _ in chunk],
                 [stores[dataset].get(key) for _, (dataset, key) in chunk],
@@ -79,9 +79,8 @@ def score_pairs(
                 batch=batch,
                 model=model,
             )
-            scores.update(zip(chunk, (m.inliers for m in found)))
+            known.update(zip(chunk, (m.inliers for m in found)))
             bar.update(len(chunk))
-    return scores
 
 
 def pair_matches(
@@ -106,15 +105,7 @@ def pair_matches(
     wanted = [
         _pair(_crop(queries, r), _crop(gallery, g)) for r, g in zip(rows, indices[rows, cols])
     ]
-    known.update(
-        score_pairs(
-            [p for p in wanted if p not in known],
-            stores,
-            model=model,
-            batch=batch,
-            progress=progress,
-        )
-    )
+    score_pairs(wanted, stores, known, model=model, batch=batch, progress=progress)
     inliers = np.full(indices.shape, -1, np.int32)
     inliers[rows, cols] = [known[p] for p in wanted]
     return inliers
@@ -176,13 +167,5 @@ def local_scores(
     needed = {
         (j, g): _pair(_crop(gallery, j), _crop(gallery, g)) for j, g in links(inliers, indices)
     }
-    known.update(
-        score_pairs(
-            [p for p in needed.values() if p not in known],
-            stores,
-            model=model,
-            batch=batch,
-            progress=progress,
-        )
-    )
+    score_pairs(needed.values(), stores, known, model=model, batch=batch, progress=progress)
     return inliers, expand(inliers, indices, lambda j, g: known[needed[(j, g)]])
