@@ -250,6 +250,24 @@ def test_sigterm_saves_latest_and_the_rerun_ends_where_a_straight_run_ends(
         np.testing.assert_allclose(straight[name], resumed[name], atol=1e-6, err_msg=name)
 
 
+def test_a_signal_at_an_epoch_end_exits_cleanly_and_the_rerun_ends_where_a_straight_run_ends(
+    tmp_path, dataset, cache_dir, one_device_run
+):
+    """The moment the SIGTERM test above can only hit by chance: the signal lands just after
+    the epoch's `latest` is queued. The run exits 143 without saving that step twice (orbax
+    refuses a step it has), and the rerun finishes like the straight run."""
+    cmd, env = train_command(tmp_path, dataset, cache_dir, num_epochs=2)
+    cmd = [sys.executable, str(pathlib.Path(__file__).with_name("stop_at_epoch_end.py")), *cmd[3:]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert "interrupted: saved" in proc.stderr and "(epoch 2, step 0)" in proc.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1]
+    run_train(tmp_path, dataset, cache_dir, num_epochs=2)
+    straight, resumed = final_params(one_device_run), final_params(tmp_path)
+    for name in straight:
+        np.testing.assert_allclose(straight[name], resumed[name], atol=1e-6, err_msg=name)
+
+
 def test_two_processes_train_to_equal_parameters(tmp_path, dataset, cache_dir):
     """jax.distributed with CPU collectives: two processes, one device each, one shared
     workdir; each dumps the parameters it ends with."""

@@ -170,9 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             reporter.write(record)
             reporter.print(record)
             if stop.signum is not None:
-                raise Interrupted()
-    except Interrupted:
-        ckpts.save(checkpoints.LATEST, parallel.unreplicate(rstate), progress)
+                raise Interrupted(saved=True)
+    except Interrupted as stopped:
+        if not stopped.saved:
+            ckpts.save(checkpoints.LATEST, parallel.unreplicate(rstate), progress)
         ckpts.wait()
         print(
             f"interrupted: saved {workdir}/checkpoints/latest (epoch {progress.epoch + 1}, "
@@ -281,7 +282,13 @@ class StopSignals:
 
 
 class Interrupted(Exception):
-    """A stop signal arrived; the loop saves `latest` and exits 128 + the signal."""
+    """A stop signal arrived; the loop saves `latest` (unless `saved`: the epoch that just
+    ended is already queued as `latest`, and orbax refuses a step twice) and exits 128 + the
+    signal."""
+
+    def __init__(self, saved: bool = False):
+        super().__init__()
+        self.saved = saved
 
 
 def train_data(
