@@ -11,8 +11,9 @@ stages that ran at ~4 GFLOP/s, a quarter of the training step. Without it XLA's 
 orders the step so that independent ops can run at once, keeping more activations alive;
 the memory-minimising order it falls back to cut the B2 training step's temporary buffers
 from 3.50 GB to 2.29 GB (peak RSS 6.2 -> 4.9 GiB in a process of its own) and, on 2 cores
-where there is little to run concurrently anyway, made the step faster: 0.51-0.52x ->
-0.58-0.61x the PyTorch reference (`scripts/bench.py train --batch 8`, alternating runs).
+where there is little to run concurrently anyway, made the step faster: 2.64/2.59 s ->
+2.37/2.35 s (alternating runs of the step alone, same loss), 0.51-0.52x -> 0.53-0.61x the
+PyTorch reference (`scripts/bench.py train --batch 8`).
 
 Both flags only touch the CPU backend. Applied by `leopard_jax/__init__.py` on import,
 appended to the user's `XLA_FLAGS` (which win: a flag the user set is kept as they set it),
