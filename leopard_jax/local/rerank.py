@@ -118,15 +118,21 @@ def neighbours(inliers: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return strong[np.argsort(-inliers[strong], kind="stable")][:EXPAND_NEIGHBOURS]
 
 
-def links(inliers: np.ndarray, indices: np.ndarray) -> set[tuple[int, int]]:
-    """The gallery pairs (j, g) `expand` reads: j a neighbour of a query (`neighbours`), g
-    another of its candidates."""
-    out = set()
+def _routes(inliers: np.ndarray, indices: np.ndarray):
+    """Each way a query reaches a candidate through a neighbour: (query, column of the
+    candidate, the query-neighbour pair score, neighbour row j, candidate row g), for every
+    `neighbours` j of the query and every other candidate g of it."""
     for q in range(len(indices)):
-        candidates = indices[q][indices[q] >= 0]
-        for j in indices[q][neighbours(inliers[q], indices[q])]:
-            out.update((int(j), int(g)) for g in candidates if g != j)
-    return out
+        for c in neighbours(inliers[q], indices[q]):
+            j = int(indices[q, c])
+            for col, g in enumerate(indices[q]):
+                if g >= 0 and g != j:
+                    yield q, col, int(inliers[q, c]), j, int(g)
+
+
+def links(inliers: np.ndarray, indices: np.ndarray) -> set[tuple[int, int]]:
+    """The gallery pairs (j, g) `expand` reads (`_routes`)."""
+    return {(j, g) for *_, j, g in _routes(inliers, indices)}
 
 
 def expand(
@@ -136,13 +142,8 @@ def expand(
     score S(q, g) and EXPAND_WEIGHT x min(S(q, j), S(j, g)) over q's `neighbours` j;
     `between(j, g)` is the pair score of gallery rows j, g. Empty slots (-1) stay -1."""
     scores = inliers.astype(np.float64)
-    for q in range(len(indices)):
-        for c in neighbours(inliers[q], indices[q]):
-            j = int(indices[q, c])
-            for col, g in enumerate(indices[q]):
-                if g >= 0 and g != j:
-                    through = EXPAND_WEIGHT * min(int(inliers[q, c]), between(j, int(g)))
-                    scores[q, col] = max(scores[q, col], through)
+    for q, col, link, j, g in _routes(inliers, indices):
+        scores[q, col] = max(scores[q, col], EXPAND_WEIGHT * min(link, between(j, g)))
     return scores
 
 
