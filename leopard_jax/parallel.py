@@ -3,7 +3,8 @@ batch over them, and take one copy back.
 
 Everything that runs a pmapped function (the training loop, the embed path, the bench,
 the multi-device tests) goes through these three, so the layout of replicated arrays and
-the shape of per-device batches are decided once.
+the shape of per-device batches are decided once. The programs they run are the large
+compiles, so importing this module also hands each compile's freed heap back (`heap.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 
+from leopard_jax import heap
+
 AXIS = "batch"  # the pmapped axis name every collective reduces over
+heap.install()
 
 
 def replicate(tree: Any, devices=None) -> Any:
