@@ -107,7 +107,7 @@ class ConvBnAct(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         y = self.conv(self.out_ch, self.kernel, self.stride, name="conv")(x)
-        y = nn.silu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1", act="silu")(y)
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
         return y
@@ -128,7 +128,7 @@ class EdgeResidual(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         y = self.conv(self.mid, self.kernel, self.stride, name="conv_exp")(x)
-        y = nn.silu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1", act="silu")(y)
         y = self.norm(name="bn2")(self.conv(self.out_ch, 1, name="conv_pwl")(y))
         if self.residual:
             y = DropPath(self.drop_path)(y, train) + x
@@ -152,9 +152,9 @@ class InvertedResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = nn.silu(self.norm(name="bn1")(self.conv(self.mid, 1, name="conv_pw")(x)))
+        y = self.norm(name="bn1", act="silu")(self.conv(self.mid, 1, name="conv_pw")(x))
         y = self.depthwise(self.kernel, self.stride, name="conv_dw")(y)
-        y = nn.silu(self.norm(name="bn2")(y))
+        y = self.norm(name="bn2", act="silu")(y)
         if self.se:
             y = SqueezeExcite(self.se, conv=self.conv, name="se")(y)
         y = self.norm(name="bn3")(self.conv(self.out_ch, 1, name="conv_pwl")(y))
@@ -197,7 +197,7 @@ class EfficientNetV2(nn.Module):
         plan = block_plan(self.variant)
         x = x.astype(self.dtype)
         x = conv(plan[0]["in_ch"], 3, 2, padding=self.stem_padding, name="conv_stem")(x)
-        x = nn.silu(norm(name="bn1")(x))
+        x = norm(name="bn1", act="silu")(x)
         for idx, b in enumerate(plan):
             common = dict(
                 out_ch=b["out_ch"],
@@ -217,7 +217,7 @@ class EfficientNetV2(nn.Module):
                 x = InvertedResidual(mid=b["mid"], se=b["se"], depthwise=depthwise, **common)(
                     x, train
                 )
-        x = nn.silu(norm(name="bn2")(conv(self.num_features, 1, name="conv_head")(x)))
+        x = norm(name="bn2", act="silu")(conv(self.num_features, 1, name="conv_head")(x))
         x = jnp.mean(x, axis=(1, 2))
         if self.num_classes:
             x = nn.Dense(

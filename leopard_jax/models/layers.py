@@ -205,20 +205,127 @@ def batch_norm(
 ) -> ModuleDef:
     """The one batch-norm setting, torch-equivalent: momentum 0.1 (flax's 0.9), two-pass
     variance, fp32 scale/bias/statistics whatever the compute dtype. The top module builds it
-    once from `train` and hands it to its blocks, which call `norm(name=...)`.
+    once from `train` and hands it to its blocks, which call `norm(name=...)` or, with the
+    activation that follows fused in, `norm(name=..., act="silu")`.
 
     `axis_name` (a pmap axis) makes training statistics those of the global batch, so 1 or N
     devices compute the same step."""
     return functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         axis_name=axis_name if train else None,
-        use_fast_variance=False,  # two-pass variance: E[x²]−E[x]² cancels badly in float32
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
         dtype=dtype,
-        param_dtype=jnp.float32,
     )
+
+
+ACTIVATIONS: dict[str | None, Callable] = {None: lambda z: z, "silu": nn.silu, "relu": nn.relu}
+
+
+def _activation_grad(act: str | None, z):
+    """d act(z) / dz, from the pre-activation alone (what the fused backward recomputes)."""
+    if act is None:
+        return jnp.ones_like(z)
+    if act == "relu":
+        return (z > 0).astype(z.dtype)
+    s = jax.nn.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def batch_moments(x, axis_name: str | None = None):
+    """float32 per-channel mean and two-pass (biased) variance over all but the last axis,
+    of the global batch when `axis_name` names a pmap axis: E[x²]−E[x]² cancels badly in
+    float32, as flax's `use_fast_variance=False`."""
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(axes)
+    if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+    var = jnp.square(xf - mean).mean(axes)
+    if axis_name is not None:
+        var = jax.lax.pmean(var, axis_name)
+    return mean, var
+
+
+def _normalize_act(x, scale, bias, mean, rstd, act: str | None):
+    """(act((x − mean)·rstd·scale + bias), its pre-activation), float32."""
+    z = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
+    return ACTIVATIONS[act](z), z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_act(x, scale, bias, epsilon: float, act: str | None, axis_name: str | None):
+    """Training-mode batch norm over the batch's own statistics, then `act`; returns (y,
+    mean, var). The backward pass keeps only `x` and two numbers per channel and recomputes
+    the normalised input and the activation's derivative from them, in two passes (the
+    per-channel sums, then dx). Autodiff of the plain composition kept x − mean, the
+    normalised x and the pre-activation alive for every layer (issue 20: the B2 training
+    step's buffers). `mean` and `var` are for the running averages only: their cotangents
+    are ignored, so `BatchNorm` puts them behind stop_gradient."""
+    mean, var = batch_moments(x, axis_name)
+    y, _ = _normalize_act(x, scale, bias, mean, jax.lax.rsqrt(var + epsilon), act)
+    return y.astype(x.dtype), mean, var
+
+
+def _batch_norm_act_fwd(x, scale, bias, epsilon, act, axis_name):
+    mean, var = batch_moments(x, axis_name)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y, _ = _normalize_act(x, scale, bias, mean, rstd, act)
+    return (y.astype(x.dtype), mean, var), (x, scale, bias, mean, rstd)
+
+
+def _batch_norm_act_bwd(epsilon, act, axis_name, residuals, cotangents):
+    x, scale, bias, mean, rstd = residuals
+    dy = cotangents[0].astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    z = xhat * scale + bias
+    dz = dy * _activation_grad(act, z)
+    axes = tuple(range(x.ndim - 1))
+    dbias, dscale = dz.sum(axes), (dz * xhat).sum(axes)
+    count = x.size // x.shape[-1]
+    mean_dz, mean_dz_xhat = dbias / count, dscale / count
+    if axis_name is not None:  # the statistics were the global batch's
+        mean_dz = jax.lax.pmean(mean_dz, axis_name)
+        mean_dz_xhat = jax.lax.pmean(mean_dz_xhat, axis_name)
+    dx = (scale * rstd) * (dz - mean_dz - xhat * mean_dz_xhat)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
+
+
+class BatchNorm(nn.Module):
+    """Batch norm with the activation after it fused in (`act`: None, "silu", "relu"), as
+    flax's `nn.BatchNorm` stores it (params `scale`, `bias`; batch_stats `mean`, `var`) and
+    computes it in the forward pass; training mode goes through `batch_norm_act`'s
+    hand-written gradient."""
+
+    use_running_average: bool
+    epsilon: float
+    momentum: float = BN_MOMENTUM
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    act: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        if self.use_running_average:
+            rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            y, _ = _normalize_act(x, scale, bias, ra_mean.value, rstd, self.act)
+            return y.astype(self.dtype)
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = batch_norm_act(x, scale, bias, self.epsilon, self.act, axis_name)
+        if not self.is_initializing():
+            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(self.dtype)
 
 
 class SqueezeExcite(nn.Module):

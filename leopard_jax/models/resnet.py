@@ -31,7 +31,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         y = self.conv(self.out_ch, 3, self.stride, padding=1, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1", act="relu")(y)
         y = self.norm(name="bn2")(self.conv(self.out_ch, 3, 1, padding=1, name="conv2")(y))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.out_ch:
@@ -64,7 +64,7 @@ class ResNet18(nn.Module):
         )
 
         x = x.astype(self.dtype)
-        x = nn.relu(norm(name="bn1")(conv(64, 7, 2, padding=3, name="conv1")(x)))
+        x = norm(name="bn1", act="relu")(conv(64, 7, 2, padding=3, name="conv1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         total, idx = sum(DEPTHS), 0
         for s, (width, depth) in enumerate(zip(WIDTHS, DEPTHS)):
