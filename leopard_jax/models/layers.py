@@ -241,6 +241,7 @@ def batch_norm(
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
         dtype=dtype,
+        param_dtype=jnp.float32,
     )
 
 
@@ -319,37 +320,31 @@ def _batch_norm_act_bwd(epsilon, act, axis_name, residuals, cotangents):
 batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
 
 
-class BatchNorm(nn.Module):
-    """Batch norm with the activation after it fused in (`act`: None, "silu", "relu"), as
-    flax's `nn.BatchNorm` stores it (params `scale`, `bias`; batch_stats `mean`, `var`) and
-    computes it in the forward pass; training mode goes through `batch_norm_act`'s
-    hand-written gradient."""
+class BatchNorm(nn.BatchNorm):
+    """flax's `nn.BatchNorm` with the activation after it fused in (`act`: None, "silu",
+    "relu"). Inference is flax's own (so jax2onnx still exports a BatchNormalization that
+    ONNX Runtime folds into the convolution before it); training goes through
+    `batch_norm_act`'s hand-written gradient, with flax's parameters, statistics and
+    running-average update."""
 
-    use_running_average: bool
-    epsilon: float
-    momentum: float = BN_MOMENTUM
-    axis_name: str | None = None
-    dtype: Dtype = jnp.float32
     act: str | None = None
 
     @nn.compact
     def __call__(self, x):
+        if self.use_running_average:
+            return ACTIVATIONS[self.act](super().__call__(x))
         features = (x.shape[-1],)
-        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        if self.use_running_average:
-            rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
-            y, _ = _normalize_act(x, scale, bias, ra_mean.value, rstd, self.act)
-            return y.astype(self.dtype)
         axis_name = None if self.is_initializing() else self.axis_name
         y, mean, var = batch_norm_act(x, scale, bias, self.epsilon, self.act, axis_name)
         if not self.is_initializing():
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y.astype(self.dtype)
+        return y.astype(self.dtype or x.dtype)
 
 
 class SqueezeExcite(nn.Module):
