@@ -274,9 +274,8 @@ def batch_moments(x, axis_name: str | None = None):
 
 
 def _normalize_act(x, scale, bias, mean, rstd, act: str | None):
-    """(act((x − mean)·rstd·scale + bias), its pre-activation), float32."""
-    z = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
-    return ACTIVATIONS[act](z), z
+    """act((x − mean)·rstd·scale + bias), float32."""
+    return ACTIVATIONS[act]((x.astype(jnp.float32) - mean) * (rstd * scale) + bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -288,15 +287,14 @@ def batch_norm_act(x, scale, bias, epsilon: float, act: str | None, axis_name: s
     normalised x and the pre-activation alive for every layer (issue 20: the B2 training
     step's buffers). `mean` and `var` are for the running averages only: their cotangents
     are ignored, so `BatchNorm` puts them behind stop_gradient."""
-    mean, var = batch_moments(x, axis_name)
-    y, _ = _normalize_act(x, scale, bias, mean, jax.lax.rsqrt(var + epsilon), act)
-    return y.astype(x.dtype), mean, var
+    outputs, _ = _batch_norm_act_fwd(x, scale, bias, epsilon, act, axis_name)
+    return outputs
 
 
 def _batch_norm_act_fwd(x, scale, bias, epsilon, act, axis_name):
     mean, var = batch_moments(x, axis_name)
     rstd = jax.lax.rsqrt(var + epsilon)
-    y, _ = _normalize_act(x, scale, bias, mean, rstd, act)
+    y = _normalize_act(x, scale, bias, mean, rstd, act)
     return (y.astype(x.dtype), mean, var), (x, scale, bias, mean, rstd)
 
 
