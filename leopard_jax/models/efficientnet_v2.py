@@ -28,6 +28,7 @@ from leopard_jax.models.layers import (
     SqueezeExcite,
     batch_norm,
     make_divisible,
+    materialize,
 )
 
 
@@ -109,7 +110,7 @@ class ConvBnAct(nn.Module):
         y = self.conv(self.out_ch, self.kernel, self.stride, name="conv")(x)
         y = self.norm(name="bn1", act="silu")(y)
         if self.residual:
-            y = DropPath(self.drop_path)(y, train) + x
+            y = DropPath(self.drop_path)(y, train) + materialize(x)
         return y
 
 
@@ -128,10 +129,10 @@ class EdgeResidual(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         y = self.conv(self.mid, self.kernel, self.stride, name="conv_exp")(x)
-        y = self.norm(name="bn1", act="silu")(y)
+        y = self.norm(name="bn1", act="silu", defer=True)(y)
         y = self.norm(name="bn2")(self.conv(self.out_ch, 1, name="conv_pwl")(y))
         if self.residual:
-            y = DropPath(self.drop_path)(y, train) + x
+            y = DropPath(self.drop_path)(y, train) + materialize(x)
         return y
 
 
@@ -152,14 +153,14 @@ class InvertedResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = self.norm(name="bn1", act="silu")(self.conv(self.mid, 1, name="conv_pw")(x))
+        y = self.norm(name="bn1", act="silu", defer=True)(self.conv(self.mid, 1, name="conv_pw")(x))
         y = self.depthwise(self.kernel, self.stride, name="conv_dw")(y)
         y = self.norm(name="bn2", act="silu")(y)
         if self.se:
             y = SqueezeExcite(self.se, conv=self.conv, name="se")(y)
         y = self.norm(name="bn3")(self.conv(self.out_ch, 1, name="conv_pwl")(y))
         if self.residual:
-            y = DropPath(self.drop_path)(y, train) + x
+            y = DropPath(self.drop_path)(y, train) + materialize(x)
         return y
 
 
@@ -197,7 +198,7 @@ class EfficientNetV2(nn.Module):
         plan = block_plan(self.variant)
         x = x.astype(self.dtype)
         x = conv(plan[0]["in_ch"], 3, 2, padding=self.stem_padding, name="conv_stem")(x)
-        x = norm(name="bn1", act="silu")(x)
+        x = norm(name="bn1", act="silu", defer=True)(x)
         for idx, b in enumerate(plan):
             common = dict(
                 out_ch=b["out_ch"],

@@ -9,6 +9,7 @@ a dense one (about 4x the FLOPs of the whole training step).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,18 +68,27 @@ class Conv(nn.Module):
             (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
             jnp.float32,
         )
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
         if self.kernel_size == 1 and self.strides == 1 and pointwise_impl() == "matmul":
             # A matrix product: XLA CPU runs its gradients as fast matmuls, while a 1x1
             # convolution's kernel gradient takes a slow generic path there.
-            y = pointwise(x, kernel[0, 0])
+            y = apply_conv(pointwise, x, kernel[0, 0], dtype=self.dtype)
         else:
             pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-            y = conv_xla(x, kernel, self.strides, pad)
+            pad = tuple(map(tuple, pad))
+            conv = functools.partial(conv_xla, stride=self.strides, pad=pad)
+            y = apply_conv(conv, x, kernel, dtype=self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def apply_conv(conv: Callable, x, kernel, *, dtype):
+    """conv(x, kernel) for an array x, or through `consume_norm_act` for a `NormAct`."""
+    if isinstance(x, NormAct):
+        return consume_norm_act(lambda y, k: conv(y.astype(dtype), k), x, kernel)
+    return conv(x.astype(dtype), kernel)
 
 
 @jax.custom_vjp
@@ -221,7 +231,8 @@ class DepthwiseConv(nn.Module):
         pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
         impl = DEPTHWISE_IMPLS[self.impl or depthwise_default_impl()]
         pad = tuple(map(tuple, pad))  # hashable: a static argument of the custom gradient
-        return impl(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
+        conv = functools.partial(impl, stride=self.strides, pad=pad)
+        return apply_conv(conv, x, kernel.astype(self.dtype), dtype=self.dtype)
 
 
 def batch_norm(
@@ -278,29 +289,35 @@ def _normalize_act(x, scale, bias, mean, rstd, act: str | None):
     return ACTIVATIONS[act]((x.astype(jnp.float32) - mean) * (rstd * scale) + bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm_act(x, scale, bias, epsilon: float, act: str | None, axis_name: str | None):
-    """Training-mode batch norm over the batch's own statistics, then `act`; returns (y,
-    mean, var). The backward pass keeps only `x` and two numbers per channel and recomputes
-    the normalised input and the activation's derivative from them, in two passes (the
-    per-channel sums, then dx). Autodiff of the plain composition kept x − mean, the
-    normalised x and the pre-activation alive for every layer (issue 20: the B2 training
-    step's buffers). `mean` and `var` are for the running averages only: their cotangents
-    are ignored, so `BatchNorm` puts them behind stop_gradient."""
-    outputs, _ = _batch_norm_act_fwd(x, scale, bias, epsilon, act, axis_name)
-    return outputs
-
-
-def _batch_norm_act_fwd(x, scale, bias, epsilon, act, axis_name):
-    mean, var = batch_moments(x, axis_name)
+    """Training-mode batch norm over the batch's own statistics (of the global batch when
+    `axis_name` names a pmap axis), then `act`, not applied yet: (`NormAct`, the batch
+    variance, for the running average). No gradient flows through the statistics:
+    `normalize_act`'s gradient already has their part."""
+    mean, var = batch_moments(jax.lax.stop_gradient(x), axis_name)
     rstd = jax.lax.rsqrt(var + epsilon)
-    y = _normalize_act(x, scale, bias, mean, rstd, act)
-    return (y.astype(x.dtype), mean, var), (x, scale, bias, mean, rstd)
+    return NormAct(x, scale, bias, mean, rstd, act, axis_name), var
 
 
-def _batch_norm_act_bwd(epsilon, act, axis_name, residuals, cotangents):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def normalize_act(x, scale, bias, mean, rstd, act: str | None, axis_name: str | None):
+    """act((x − mean)·rstd·scale + bias) for `mean`, `rstd` the batch statistics of this
+    same `x` (over `axis_name`'s global batch), with batch norm's whole gradient: dx
+    includes the paths through the statistics, which therefore get none. The backward pass
+    keeps only `x` and two numbers per channel and recomputes the normalised input and the
+    activation's derivative from them, in two passes (the per-channel sums, then dx).
+    Autodiff of the plain composition kept x − mean, the normalised x and the
+    pre-activation alive for every layer (issue 20: the B2 training step's buffers)."""
+    return _normalize_act(x, scale, bias, mean, rstd, act).astype(x.dtype)
+
+
+def _normalize_act_fwd(x, scale, bias, mean, rstd, act, axis_name):
+    return normalize_act(x, scale, bias, mean, rstd, act, axis_name), (x, scale, bias, mean, rstd)
+
+
+def _normalize_act_bwd(act, axis_name, residuals, dy):
     x, scale, bias, mean, rstd = residuals
-    dy = cotangents[0].astype(jnp.float32)
+    dy = dy.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
     z = xhat * scale + bias
     dz = dy * _activation_grad(act, z)
@@ -312,20 +329,85 @@ def _batch_norm_act_bwd(epsilon, act, axis_name, residuals, cotangents):
         mean_dz = jax.lax.pmean(mean_dz, axis_name)
         mean_dz_xhat = jax.lax.pmean(mean_dz_xhat, axis_name)
     dx = (scale * rstd) * (dz - mean_dz - xhat * mean_dz_xhat)
-    return dx.astype(x.dtype), dscale, dbias
+    return dx.astype(x.dtype), dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(rstd)
 
 
-batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
+normalize_act.defvjp(_normalize_act_fwd, _normalize_act_bwd)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("x", "scale", "bias", "mean", "rstd"),
+    meta_fields=("act", "axis_name"),
+)
+@dataclasses.dataclass(frozen=True)
+class NormAct:
+    """A training-mode batch norm + activation not applied yet: act((x − mean)·rstd·scale +
+    bias), with `mean`, `rstd` the batch statistics of `x`. `value()` applies it; a
+    convolution handed one applies it through `consume_norm_act`."""
+
+    x: jax.Array
+    scale: jax.Array
+    bias: jax.Array
+    mean: jax.Array
+    rstd: jax.Array
+    act: str | None
+    axis_name: str | None
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    def value(self):
+        """The activation (its gradient is batch norm's whole gradient, `normalize_act`)."""
+        return normalize_act(
+            self.x, self.scale, self.bias, self.mean, self.rstd, self.act, self.axis_name
+        )
+
+
+def materialize(x):
+    """x itself, or the activation a `NormAct` stands for."""
+    return x.value() if isinstance(x, NormAct) else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def consume_norm_act(consumer: Callable, normed: NormAct, *args):
+    """consumer(normed.value(), *args), whose backward pass recomputes the activation from
+    `normed` instead of keeping it. Why: a convolution keeps its input for its kernel
+    gradient, and batch norm's gradient keeps its own input, so each conv → BN-act → conv
+    kept two activation-sized arrays per layer; this keeps one. Issue 20: the B2 training
+    step's temporaries 1461 → 1269 MiB, the step no slower."""
+    return consumer(normed.value(), *args)
+
+
+def _consume_norm_act_fwd(consumer, normed, *args):
+    return consume_norm_act(consumer, normed, *args), (normed, args)
+
+
+def _consume_norm_act_bwd(consumer, residuals, dout):
+    normed, args = residuals
+    # Tie the recomputation to dout: XLA's CSE would otherwise merge it with the forward's
+    # activation, which would then stay alive for the backward pass after all.
+    normed, dout = jax.lax.optimization_barrier((normed, dout))
+    y, norm_act_vjp = jax.vjp(NormAct.value, normed)
+    _, consumer_vjp = jax.vjp(consumer, y, *args)
+    dy, *dargs = consumer_vjp(dout)
+    return (*norm_act_vjp(dy), *dargs)
+
+
+consume_norm_act.defvjp(_consume_norm_act_fwd, _consume_norm_act_bwd)
 
 
 class BatchNorm(nn.BatchNorm):
     """flax's `nn.BatchNorm` with the activation after it fused in (`act`: None, "silu",
     "relu"). Inference is flax's own (so jax2onnx still exports a BatchNormalization that
     ONNX Runtime folds into the convolution before it); training goes through
-    `batch_norm_act`'s hand-written gradient, with flax's parameters, statistics and
-    running-average update."""
+    `batch_norm_act` and `normalize_act`'s hand-written gradient, with flax's parameters,
+    statistics and running-average update. `defer=True`: training returns the `NormAct`
+    itself, for the convolution after it to apply (`consume_norm_act`)."""
 
     act: str | None = None
+    defer: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -337,12 +419,13 @@ class BatchNorm(nn.BatchNorm):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
         axis_name = None if self.is_initializing() else self.axis_name
-        y, mean, var = batch_norm_act(x, scale, bias, self.epsilon, self.act, axis_name)
+        normed, var = batch_norm_act(x, scale, bias, self.epsilon, self.act, axis_name)
         if not self.is_initializing():
-            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * normed.mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y.astype(self.dtype or x.dtype)
+        if self.defer:
+            return normed
+        return normed.value().astype(self.dtype or x.dtype)
 
 
 class SqueezeExcite(nn.Module):
