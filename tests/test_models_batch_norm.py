@@ -172,6 +172,28 @@ def test_a_deferred_activation_over_a_named_axis_gives_the_same_gradients():
     )
 
 
+def test_a_deferred_activation_in_bfloat16_gives_bfloat16_gradients_close_to_float32():
+    variables, x = norm_act_conv_variables("pointwise"), SHARDS[0]
+
+    def input_grad(dtype):
+        norm = layers.batch_norm(True, epsilon=EPS, dtype=dtype)(act="silu", defer=True)
+        conv = layers.Conv(6, 1, dtype=dtype)
+
+        def loss(x):
+            normed, _ = norm.apply(
+                {k: v["BatchNorm_0"] for k, v in variables.items()}, x, mutable=["batch_stats"]
+            )
+            y = conv.apply({"params": variables["params"]["Conv_0"]}, normed)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+        return jax.grad(loss)(x.astype(dtype))
+
+    bf16, f32 = input_grad(jnp.bfloat16), input_grad(jnp.float32)
+    assert bf16.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(f32)))
+    np.testing.assert_allclose(np.asarray(bf16, np.float32) / scale, f32 / scale, atol=0.05)
+
+
 def test_the_convolution_after_a_deferred_activation_does_not_keep_it():
     """Plain, the backward pass keeps batch norm's input and the activation (the
     convolution's input); deferred, only batch norm's input."""
