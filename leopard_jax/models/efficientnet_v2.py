@@ -7,6 +7,9 @@ parameters and batch-norm statistics.
 
 As in flax's imagenet example, `EfficientNetV2` sets `conv`, `depthwise` and `norm` (bound to
 `train`) once and hands them to the blocks; `train` reaches a block only for stochastic depth.
+A batch norm + SiLU whose output only feeds a convolution is written `norm(...,
+defer=True)`: in training the convolution applies it and recomputes it in the backward
+pass instead of keeping it (`layers.NormAct`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ class Conv(nn.Module):
             y = apply_conv(pointwise, x, kernel[0, 0], dtype=self.dtype)
         else:
             pad = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-            pad = tuple(map(tuple, pad))
             conv = functools.partial(conv_xla, stride=self.strides, pad=pad)
             y = apply_conv(conv, x, kernel, dtype=self.dtype)
         if self.use_bias:
