@@ -177,3 +177,45 @@ def test_one_bfloat16_step_trains_fp32_parameters_to_the_fp32_loss():
     for tree in (bf16_state.params, bf16_state.opt_state, bf16_state.batch_stats):
         floats = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating)]
         assert floats and all(x.dtype == np.float32 for x in floats)
+
+
+def test_a_wholly_imported_model_is_not_initialised_at_random_first():
+    """init_state compiles and runs the random init only when the imported weights leave
+    leaves to it: a whole imported model (a spotID checkpoint) gets its own values with no
+    init compiled, a partial one (a backbone) gets the rest from the init."""
+    import flax
+    import optax
+
+    from configs import demo
+    from leopard_jax.train import state as state_lib
+
+    config = demo.get_config()
+    config.model.backbone, config.model.dims = "resnet18", 16
+    model = state_lib.build_model(config.model)
+
+    def init(variables):
+        return state_lib.init_state(
+            config,
+            model,
+            num_classes=2,
+            input_shape=(32, 64, 4),
+            tx=optax.adam(1e-3),
+            init_variables=variables,
+        )
+
+    first = init(None)
+    whole = {"params": first.params["model"], "batch_stats": first.batch_stats}
+    imported = jax.tree.map(lambda a: np.asarray(a) + 1.0, whole)
+    states = []
+    assert _count_backend_compiles(lambda: states.append(init(imported))) == 0
+    got = {"params": states[0].params["model"], "batch_stats": states[0].batch_stats}
+    jax.tree.map(np.testing.assert_array_equal, got, imported)
+
+    flat = flax.traverse_util.flatten_dict(imported, sep="/")
+    head = next(path for path in flat if path.startswith("params/embedding"))
+    partial = flax.traverse_util.unflatten_dict(
+        {path: value for path, value in flat.items() if path != head}, sep="/"
+    )
+    assert _count_backend_compiles(lambda: states.append(init(partial))) >= 1
+    got = flax.traverse_util.flatten_dict(states[1].params["model"], sep="/")
+    np.testing.assert_array_equal(got[head.removeprefix("params/")], flat[head] - 1.0)
