@@ -5,6 +5,8 @@ of it: its backward pass keeps one activation-sized array, not several."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,9 +127,9 @@ def test_the_backward_pass_keeps_one_activation_sized_array():
 # --- a deferred batch norm + activation (`defer=True`) applied by the convolution after it ---
 
 CONVS = {
-    "pointwise": lambda: layers.Conv(6, 1),
-    "3x3 stride 2": lambda: layers.Conv(6, 3, 2),
-    "depthwise": lambda: layers.DepthwiseConv(3, impl="shifted"),
+    "pointwise": lambda dtype: layers.Conv(6, 1, dtype=dtype),
+    "3x3 stride 2": lambda dtype: layers.Conv(6, 3, 2, dtype=dtype),
+    "depthwise": lambda dtype: layers.DepthwiseConv(3, impl="shifted", dtype=dtype),
 }
 
 
@@ -138,12 +140,13 @@ class NormActConv(nn.Module):
     defer: bool
     axis_name: str | None = None
     layers: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         for _ in range(self.layers):
-            norm = layers.batch_norm(True, epsilon=EPS, axis_name=self.axis_name)
-            x = CONVS[self.conv]()(norm(act="silu", defer=self.defer)(x))
+            norm = layers.batch_norm(True, epsilon=EPS, dtype=self.dtype, axis_name=self.axis_name)
+            x = CONVS[self.conv](self.dtype)(norm(act="silu", defer=self.defer)(x))
         return x
 
 
@@ -176,14 +179,10 @@ def test_a_deferred_activation_in_bfloat16_gives_bfloat16_gradients_close_to_flo
     variables, x = norm_act_conv_variables("pointwise"), SHARDS[0]
 
     def input_grad(dtype):
-        norm = layers.batch_norm(True, epsilon=EPS, dtype=dtype)(act="silu", defer=True)
-        conv = layers.Conv(6, 1, dtype=dtype)
+        model = NormActConv("pointwise", defer=True, dtype=dtype)
 
         def loss(x):
-            normed, _ = norm.apply(
-                {k: v["BatchNorm_0"] for k, v in variables.items()}, x, mutable=["batch_stats"]
-            )
-            y = conv.apply({"params": variables["params"]["Conv_0"]}, normed)
+            y, _ = model.apply(variables, x, mutable=["batch_stats"])
             return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
         return jax.grad(loss)(x.astype(dtype))
