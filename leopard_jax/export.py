@@ -130,8 +130,12 @@ def export_onnx(
     variables = jax.tree.map(np.asarray, dict(variables))
 
     def forward(images):
+        # Normalised in NCHW, then back: the first Conv's NCHW transpose cancels the second,
+        # and ONNX Runtime's per-channel Mul and Add run over whole planes (NHWC's
+        # broadcast over a last axis of 4 took ~3x as long: B2 batch 8, 300 -> 290 ms).
+        nchw = inference.normalize(images.transpose(0, 3, 1, 2), channel_axis=1)
         with traceable_max_pool():
-            return model.apply(variables, inference.normalize(images), train=False)
+            return model.apply(variables, nchw.transpose(0, 2, 3, 1), train=False)
 
     with onnx_formulation():
         proto = to_onnx(

@@ -41,10 +41,12 @@ from leopard_jax.data import augment
 READ_AHEAD = 2  # batches read ahead of the one on the devices, as the training input
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [..., C] -> float32 (x/255 - MEAN) / STD: `augment.normalize` on the device."""
-    scale = jnp.asarray(1.0 / (255.0 * augment.STD), jnp.float32)
-    offset = jnp.asarray(-augment.MEAN / augment.STD, jnp.float32)
+def normalize(images: jax.Array, channel_axis: int = -1) -> jax.Array:
+    """uint8 [..., C] -> float32 (x/255 - MEAN) / STD: `augment.normalize` on the device.
+    `channel_axis` names where C is otherwise (the ONNX export normalises NCHW)."""
+    trailing = (1,) * (images.ndim - 1 - channel_axis % images.ndim)
+    scale = jnp.asarray(1.0 / (255.0 * augment.STD), jnp.float32).reshape(-1, *trailing)
+    offset = jnp.asarray(-augment.MEAN / augment.STD, jnp.float32).reshape(-1, *trailing)
     return images.astype(jnp.float32) * scale + offset
 
 

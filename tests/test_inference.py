@@ -121,9 +121,13 @@ def test_empty_and_bad_input():
 
 def test_normalize_on_device_is_augment_normalize():
     images = np.stack(random_images(3))
+    expected = augment.normalize(images)
     np.testing.assert_allclose(
-        np.asarray(inference.normalize(jnp.asarray(images))), augment.normalize(images), atol=1e-5
+        np.asarray(inference.normalize(jnp.asarray(images))), expected, atol=1e-5
     )
+    # Channels first (as the ONNX export normalises): each channel keeps its own mean/std.
+    nchw = inference.normalize(jnp.asarray(images.transpose(0, 3, 1, 2)), channel_axis=1)
+    np.testing.assert_allclose(np.asarray(nchw), expected.transpose(0, 3, 1, 2), atol=1e-5)
 
 
 def test_batch_rounds_up_to_the_devices():
