@@ -536,10 +536,11 @@ def train_config(cfg: Config):
 
 class JaxTrain:
     """leopard_jax's own training step (`train.steps.train_step`, pmapped over
-    `parallel.AXIS` as the loop does, on one device), compiled once; each `side()` starts
-    from the state `train.state.init_state` makes of the converted weights. `side(last=True)`
-    then drops that host copy, so the step's state is the only one left, as the reference's
-    model and optimiser are: the peak of a side run alone counted a spare copy otherwise."""
+    `parallel.AXIS` as the loop does, on one device), compiled once ahead as the loop
+    compiles it (`parallel.compile_ahead`); each `side()` starts from the state
+    `train.state.init_state` makes of the converted weights. `side(last=True)` then drops
+    that host copy, so the step's state is the only one left, as the reference's model and
+    optimiser are: the peak of a side run alone counted a spare copy otherwise."""
 
     def __init__(self, models: Models, cfg: Config, images: np.ndarray, labels: np.ndarray):
         import functools
@@ -578,7 +579,7 @@ class JaxTrain:
             devices=self.devices,
         )
         start = time.perf_counter()
-        self.compiled = p_train.lower(self.fresh_state(), self.batch, self.epoch).compile()
+        self.compiled = parallel.compile_ahead(p_train, self.fresh_state(), self.batch, self.epoch)
         self.compile_s = time.perf_counter() - start
 
     def fresh_state(self):

@@ -103,3 +103,61 @@ def test_prefetch_hands_a_reading_error_to_the_consumer_and_close_stops_the_thre
     assert not endless._thread.is_alive()
     with pytest.raises(StopIteration):
         next(endless)
+
+
+def test_peek_returns_the_next_batch_without_handing_it_over():
+    def batches():
+        for i in range(3):
+            yield {"x": np.full((jax.local_device_count(), 1), i, np.float32)}
+
+    with parallel.prefetch_to_device(batches(), size=1) as stream:
+        peeked = stream.peek()
+        assert stream.peek() is peeked  # still not handed over
+        assert next(stream) is peeked
+        assert [int(np.asarray(b["x"]).flat[0]) for b in stream] == [1, 2]
+        with pytest.raises(StopIteration):
+            stream.peek()
+
+
+def test_compile_ahead_runs_as_the_pmap_compiles_once_and_clears_the_traces():
+    """The compiled step gives the pmap's results, takes its own (donated) output without
+    compiling again, and JAX's caches are empty after it: a function traced before traces
+    again (what frees the step's jaxprs and lowering)."""
+    traces = []
+
+    @jax.jit
+    def traced_before(x):
+        traces.append(1)
+        return x * 2
+
+    traced_before(np.float32(1))
+    traced_before(np.float32(2))
+    assert len(traces) == 1
+
+    def step(state, batch):
+        new = jax.tree.map(lambda a: a + batch["x"].sum(), state)
+        return new, jax.lax.pmean(batch["x"].mean(), parallel.AXIS)
+
+    pmapped = jax.pmap(step, axis_name=parallel.AXIS, donate_argnums=(0,))
+    n = jax.local_device_count()
+    batch = parallel.put_sharded({"x": np.arange(2 * n, dtype=np.float32)})
+    expected = jax.device_get(pmapped(parallel.replicate({"w": np.ones(3, np.float32)}), batch))
+    state = parallel.replicate({"w": np.ones(3, np.float32)})
+    compiled = parallel.compile_ahead(pmapped, state, batch)
+    out = compiled(state, batch)
+    np.testing.assert_array_equal(jax.device_get(out[0])["w"], expected[0]["w"])
+    np.testing.assert_array_equal(jax.device_get(out[1]), expected[1])
+    compiles = []
+
+    def listener(event, duration_s, **_):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(compiled(out[0], batch))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    traced_before(np.float32(3))
+    assert len(traces) == 2

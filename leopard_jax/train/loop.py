@@ -98,13 +98,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     rstate = parallel.replicate(host_state)
     description = model_description(config, fixed_model_kwargs, input_shape, len(classes))
     schedule = state_lib.lr_schedule(config, steps_per_epoch)
-    float(schedule(0))  # its few ops compile here, not at the first epoch boundary
     reporter = report.Reporter(workdir, enabled=is_main)
     record: dict[str, Any] = {}
     data = batches = batch = None
     stop = StopSignals()  # SIGTERM/SIGINT from here on: save `latest`, then exit
     started = time.perf_counter()
     try:
+        # One input stream for the rest of the run (workers start once), two batches ahead
+        # on the devices, read by a thread of its own; it starts where the checkpoint left off.
+        data = train_data(config, train_rows, train_labels, progress)
+        batches = parallel.prefetch_to_device(data, size=2)
+        # The step compiles first, for the first batch (`compile_ahead` clears JAX's caches).
+        train_step = parallel.compile_ahead(
+            p_train_step, rstate, batches.peek(), parallel.replicate(np.int32(progress.epoch))
+        )
+        float(schedule(0))  # its few ops compile here, not at the first epoch boundary
         if progress.epoch == 0 and progress.step_in_epoch == 0:
             record = {
                 "epoch": 0,
@@ -112,10 +120,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 **evaluation.evaluate(model, rstate, test_images, test_labels, config),
             }
             reporter.write(record)
-        # One input stream for the rest of the run (workers start once), two batches ahead
-        # on the devices, read by a thread of its own; it starts where the checkpoint left off.
-        data = train_data(config, train_rows, train_labels, progress)
-        batches = parallel.prefetch_to_device(data, size=2)
         bad_in_a_row = 0
         for epoch in range(progress.epoch, config.num_epochs):
             epoch_on_devices = parallel.replicate(np.int32(epoch))
@@ -132,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             # have the next step queued while the host reads logs and refills the prefetch.
             pending = None
             for batch in itertools.islice(batches, steps_per_epoch - progress.step_in_epoch):
-                rstate, logs = p_train_step(rstate, batch, epoch_on_devices)
+                rstate, logs = train_step(rstate, batch, epoch_on_devices)
                 progress.step_in_epoch += 1
                 if pending is not None:
                     bad_in_a_row = account_step(pending, meter, bar, progress, bad_in_a_row)
