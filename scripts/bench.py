@@ -14,7 +14,9 @@ For each part both sides run in this process, alternating (leopard_jax k steps, 
 k steps, repeat) after warm-up, so a machine that is busy or throttles hurts both alike.
 Reported: images/s of each side, the ratio leopard_jax / reference, compile time, peak RSS
 (train and embed on a CPU: also each side run alone in a child process, `peak_rss_alone_mib`,
-the memory figure to compare: in the shared process each side's peak includes the other's).
+the memory figure to compare: in the shared process each side's peak includes the other's;
+and `peak_rss_own_framework_mib`, each side alone with only its own framework imported, the
+memory a user's process holds).
 
 Why the bench refuses: a ratio between two programs that compute different things is
 meaningless. Train and embed start from the same weights (random torch weights converted to
@@ -116,6 +118,13 @@ _PEAK_OF = flags.DEFINE_enum(
     "(how the parent measures each side's memory alone, in a process of its own)",
     flag_values=FLAGS,
 )
+_PEAK_OWN = flags.DEFINE_string(
+    "peak-own",
+    None,
+    "with --peak-of: import only this side's framework (leopard_jax loads the converted "
+    "weights from this model dir, written by the parent; the reference never imports JAX)",
+    flag_values=FLAGS,
+)
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "torch threads (0: the cores JAX sees)", lower_bound=0, flag_values=FLAGS
 )
@@ -212,8 +221,9 @@ def own_peak_rss_mib() -> float:
     return process_peak_rss_mib()
 
 
-def peak_alone_argv(part: str, label: str, cfg: Config) -> list[str]:
-    """The command line of a child that runs one side of `part` alone (`--peak-of`)."""
+def peak_alone_argv(part: str, label: str, cfg: Config, own: str | None = None) -> list[str]:
+    """The command line of a child that runs one side of `part` alone (`--peak-of`), with
+    only its own framework imported when `own` names the weights' dir (`--peak-own`)."""
     return [
         sys.executable,
         str(pathlib.Path(__file__).resolve()),
@@ -227,10 +237,11 @@ def peak_alone_argv(part: str, label: str, cfg: Config) -> list[str]:
         f"--dims={cfg.dims}",
         f"--classes={cfg.num_classes}",
         f"--threads={cfg.threads}",
+        *([f"--peak-own={own}"] if own else []),
     ]
 
 
-def peaks_alone(part: str, cfg: Config) -> dict:
+def peaks_alone(part: str, cfg: Config, own: str | None = None) -> dict:
     """Peak RSS (MiB) of each side of train/embed run alone, in a child process of its own,
     and their ratio.
 
@@ -239,13 +250,14 @@ def peaks_alone(part: str, cfg: Config) -> dict:
     sampled peaks were 8005 and 7962 MiB; alone, the same two steps peaked at 6239 and
     3021). Each child imports both frameworks and builds the same weights, so what differs
     between the two figures is the side's own step: compile, activations, buffers.
+    `own` (`peaks_own_framework`) makes each child import only its own framework instead.
     """
     import subprocess
 
     peaks = {}
     for label in ("leopard_jax", "reference"):
         done = subprocess.run(
-            peak_alone_argv(part, label, cfg), capture_output=True, text=True, check=False
+            peak_alone_argv(part, label, cfg, own), capture_output=True, text=True, check=False
         )
         lines = done.stdout.strip().splitlines()
         if done.returncode or not lines:
@@ -256,11 +268,59 @@ def peaks_alone(part: str, cfg: Config) -> dict:
     return peaks
 
 
-def run_side_alone(part: str, label: str, cfg: Config, steps: int = 3) -> dict:
+def peaks_own_framework(part: str, cfg: Config, models: Models) -> dict:
+    """`peaks_alone` with each child importing only its own framework: the memory a user's
+    process holds (torch and timm alone are ~700 MiB resident, JAX, flax and optax ~220).
+    leopard_jax's child loads `models`' converted weights from a model dir written here, so
+    it never imports torch; the reference's child builds its model from the seed, as
+    `build_models` does, and never imports JAX."""
+    import tempfile
+
+    from leopard_jax import model_io
+
+    with tempfile.TemporaryDirectory(prefix="bench_weights_") as tmp:
+        weights = pathlib.Path(tmp) / "model"
+        model_io.save_model(weights, models.variables, {"info": {"source": "bench"}})
+        np.save(weights / "centers.npy", models.centers)
+        return peaks_alone(part, cfg, own=str(weights))
+
+
+def own_framework_models(label: str, cfg: Config, weights: str) -> Models:
+    """The child of `peaks_own_framework`'s `Models`, with only `label`'s framework
+    imported (checked: the run stops if the other one was)."""
+    if label == "leopard_jax":
+        import jax
+
+        from leopard_jax import model_io
+
+        jax.config.update("jax_default_device", jax_device(cfg))
+        _, variables = model_io.load_model(weights)
+        models = Models(None, variables, np.load(pathlib.Path(weights) / "centers.npy"))
+    else:
+        import bench_reference_torch as ref
+        import torch
+
+        torch.set_num_threads(cfg.threads or cores())
+        torch_model = ref.build(
+            backbone=timm_name(cfg.backbone), dims=cfg.dims, device="cpu", seed=cfg.seed
+        )
+        models = Models(torch_model, None, ref.init_centers(cfg.num_classes, cfg.dims, cfg.seed))
+    other = "torch" if label == "leopard_jax" else "jax"
+    if other in sys.modules:
+        raise BenchError(f"--peak-own: the {label} side imported {other}")
+    return models
+
+
+def run_side_alone(
+    part: str, label: str, cfg: Config, steps: int = 3, own: str | None = None
+) -> dict:
     """The child of `peaks_alone`: one side of train/embed, `steps` steps (the first
     compiles), then this process's peak RSS."""
-    setup_devices(cfg)
-    models = build_models(cfg)
+    if own:
+        models = own_framework_models(label, cfg, own)
+    else:
+        setup_devices(cfg)
+        models = build_models(cfg)
     if part == "train":
         images, labels = synthetic_batch(cfg)
         if label == "leopard_jax":
@@ -1126,12 +1186,16 @@ def table(results: list[dict]) -> str:
             lines.append(f"    {'refused' if b else 'note'}: {reason}")
     lines.append("")
     for r in results:
-        if "peak_rss_alone_mib" in r:
-            m = r["peak_rss_alone_mib"]
-            lines.append(
-                f"{r['part']}: peak RSS, each side alone: leopard_jax {m['leopard_jax']:.0f} MiB,"
-                f" reference {m['reference']:.0f} MiB ({m['ratio']:.2f}x)"
-            )
+        for key, what in (
+            ("peak_rss_alone_mib", "each side alone"),
+            ("peak_rss_own_framework_mib", "each side alone, its own framework only"),
+        ):
+            if key in r:
+                m = r[key]
+                lines.append(
+                    f"{r['part']}: peak RSS, {what}: leopard_jax {m['leopard_jax']:.0f} MiB,"
+                    f" reference {m['reference']:.0f} MiB ({m['ratio']:.2f}x)"
+                )
     for r in results:
         if "skipped" not in r and r.get("reference"):
             lines.append(f"{r['part']}: reference = {r['reference']['reference']}")
@@ -1179,6 +1243,7 @@ def run(
                 found = {"part": part, "skipped": f"{e}; pip install the project to bench it"}
         if part in ("train", "embed") and cfg.device == "cpu":
             found["peak_rss_alone_mib"] = peaks_alone(part, cfg)  # the memory figures
+            found["peak_rss_own_framework_mib"] = peaks_own_framework(part, cfg, models)
         found = found if isinstance(found, list) else [found]  # preprocess: one per stage
         wall_s = round(time.perf_counter() - start, 1)
         for result in found:
@@ -1206,10 +1271,13 @@ def settings(rest: list[str]) -> tuple[list[str], Config, str | None]:
         raise BenchError(
             f"--size {','.join(_SIZE.value)}: give H,W, each >= 32 (e.g. --size 256,512)"
         )
-    from leopard_jax import models  # imports jax: after `command` has chosen the platform
+    if not _PEAK_OWN.value:  # (a --peak-own child's parent checked; it must not import JAX)
+        from leopard_jax import models  # imports jax: after `command` has chosen the platform
 
-    if _BACKBONE.value not in models.BACKBONES:
-        raise BenchError(f"--backbone {_BACKBONE.value}: not one of {', '.join(models.BACKBONES)}")
+        if _BACKBONE.value not in models.BACKBONES:
+            raise BenchError(
+                f"--backbone {_BACKBONE.value}: not one of {', '.join(models.BACKBONES)}"
+            )
     for flag in (_U2NETP, _YOLOX):
         if flag.value and not pathlib.Path(flag.value).is_file():
             raise BenchError(
@@ -1253,7 +1321,7 @@ def command(rest: list[str]) -> None:
     if _PEAK_OF.value:
         if parts not in (["train"], ["embed"]):
             raise BenchError("--peak-of needs one part: train or embed")
-        print(json.dumps(run_side_alone(parts[0], _PEAK_OF.value, cfg)))
+        print(json.dumps(run_side_alone(parts[0], _PEAK_OF.value, cfg, own=_PEAK_OWN.value)))
         return
 
     def write(report: dict) -> None:

@@ -193,6 +193,17 @@ def test_each_side_alone_reports_its_own_peak_memory():
     assert f"leopard_jax {peaks['leopard_jax']:.0f} MiB" in text
 
 
+def test_each_side_alone_with_its_own_framework_only(models):
+    """`--peak-own` children: leopard_jax's loads the converted weights the parent wrote and
+    never imports torch, the reference's never imports JAX (each child stops if it did)."""
+    peaks = bench.peaks_own_framework("train", CFG, models)
+    for side in ("leopard_jax", "reference"):
+        assert peaks[side] > 100, peaks
+    assert peaks["ratio"] == round(peaks["leopard_jax"] / peaks["reference"], 3)
+    text = bench.table([{"part": "train", "skipped": "x", "peak_rss_own_framework_mib": peaks}])
+    assert "each side alone, its own framework only: leopard_jax" in text
+
+
 def test_peak_of_measures_train_or_embed_only(capsys):
     assert bench.main(["local", "--peak-of=reference"]) == 2
     assert "--peak-of needs one part: train or embed" in capsys.readouterr().err
