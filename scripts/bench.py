@@ -272,8 +272,8 @@ def peaks_own_framework(part: str, cfg: Config, models: Models) -> dict:
     """`peaks_alone` with each child importing only its own framework: the memory a user's
     process holds (torch and timm alone are ~700 MiB resident, JAX, flax and optax ~220).
     leopard_jax's child loads `models`' converted weights from a model dir written here, so
-    it never imports torch; the reference's child builds its model from the seed, as
-    `build_models` does, and never imports JAX."""
+    it never imports torch; the reference's child builds its model from the seed
+    (`reference_models`, as `build_models` does) and never imports JAX."""
     import tempfile
 
     from leopard_jax import model_io
@@ -297,14 +297,10 @@ def own_framework_models(label: str, cfg: Config, weights: str) -> Models:
         _, variables = model_io.load_model(weights)
         models = Models(None, variables, np.load(pathlib.Path(weights) / "centers.npy"))
     else:
-        import bench_reference_torch as ref
         import torch
 
         torch.set_num_threads(cfg.threads or cores())
-        torch_model = ref.build(
-            backbone=timm_name(cfg.backbone), dims=cfg.dims, device="cpu", seed=cfg.seed
-        )
-        models = Models(torch_model, None, ref.init_centers(cfg.num_classes, cfg.dims, cfg.seed))
+        models = reference_models(cfg)
     other = "torch" if label == "leopard_jax" else "jax"
     if other in sys.modules:
         raise BenchError(f"--peak-own: the {label} side imported {other}")
@@ -552,15 +548,21 @@ class Models:
 
 
 def build_models(cfg: Config) -> Models:
+    reference = reference_models(cfg)
+    variables = torch_to_flax(reference.torch_model)
+    reference.torch_model.to("cuda" if cfg.device == "gpu" else "cpu")
+    return Models(reference.torch_model, variables, reference.centers)
+
+
+def reference_models(cfg: Config) -> Models:
+    """The torch reference (on the CPU) and the class centres from `cfg.seed`; no
+    variables yet. Imports torch only."""
     import bench_reference_torch as ref
 
     torch_model = ref.build(
         backbone=timm_name(cfg.backbone), dims=cfg.dims, device="cpu", seed=cfg.seed
     )
-    variables = torch_to_flax(torch_model)
-    centers = ref.init_centers(cfg.num_classes, cfg.dims, cfg.seed)
-    torch_model.to("cuda" if cfg.device == "gpu" else "cpu")
-    return Models(torch_model, variables, centers)
+    return Models(torch_model, None, ref.init_centers(cfg.num_classes, cfg.dims, cfg.seed))
 
 
 def torch_to_flax(torch_model) -> dict:
