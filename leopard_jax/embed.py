@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from leopard_jax import cli, embeddings_io, export, inference, model_io, models
+from leopard_jax import cli, embeddings_io, export, inference, model_io, models, parallel
 from leopard_jax.data import records
 
 DTYPES = tuple(models.DTYPES)  # the model package owns the precision names
@@ -199,9 +199,13 @@ def load(checkpoint, backend: str, dtype: str, settings, dataset_dir) -> Loaded:
 
         return Loaded("onnx", path, description, weights_sha1, embed_onnx)
 
+    # Sent to the devices once; the host copy goes with this frame (on a CPU the two were
+    # two copies of the weights in one process: 40 MB of B2).
+    on_devices = parallel.replicate(variables)
+
     def embed_jax(images, **kw):
         model = model_io.build_model(description, dtype)
-        return inference.embed_images(model, variables, images, **kw)
+        return inference.embed_images(model, on_devices, images, replicated=True, **kw)
 
     return Loaded("jax", path, description, weights_sha1, embed_jax)
 

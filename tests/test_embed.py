@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pathlib
+import weakref
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
-from leopard_jax import embed, embeddings_io, export, inference, model_io
+from leopard_jax import embed, embeddings_io, export, inference, model_io, parallel
 from leopard_jax.data import records
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -336,6 +339,42 @@ def test_rows_keep_their_embedding_whatever_batch_and_order(synthetic, model_dir
     assert np.linalg.matrix_rank(forward) > 1  # rows are really different images
     via_library = embed.embed_dataset(model_dir, synthetic, batch_size=BATCH)
     np.testing.assert_allclose(via_library, forward, atol=1e-6)
+
+
+def test_jax_backend_keeps_only_the_devices_copy_of_the_weights(synthetic, model_dir, monkeypatch):
+    """embed sends the weights to the devices once and keeps no host copy beside them (on a
+    CPU that was a second copy of the weights in the process: 36 of B2's 45 MB), and embeds
+    as with the host copy. A host array JAX took over without copying is the devices' copy."""
+    description, variables = model_io.load_model(model_dir)
+    expected = inference.embed_images(
+        model_io.build_model(description),
+        variables,
+        records.RecordSource(synthetic),
+        batch_size=BATCH,
+    )
+    load_model, replicate = model_io.load_model, parallel.replicate
+    host, on_devices = [], []
+
+    def watched_load_model(path):
+        loaded_description, loaded = load_model(path)
+        host.extend(weakref.ref(leaf) for leaf in jax.tree.leaves(loaded))
+        return loaded_description, loaded
+
+    def watched_replicate(tree, devices=None):
+        out = replicate(tree, devices)
+        on_devices.extend(jax.tree.leaves(out))
+        return out
+
+    monkeypatch.setattr(model_io, "load_model", watched_load_model)
+    monkeypatch.setattr(parallel, "replicate", watched_replicate)
+    loaded = embed.load(model_dir, "jax", "float32", records.load_settings(synthetic), synthetic)
+    gc.collect()
+    device_buffers = {x.addressable_data(0).unsafe_buffer_pointer() for x in on_devices}
+    kept = [ref() for ref in host if ref() is not None]
+    assert host and on_devices
+    assert [a.shape for a in kept if a.ctypes.data not in device_buffers] == []
+    got = embed.embed_rows(loaded, synthetic, None, batch_size=BATCH, progress=False)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_bfloat16_stays_close_to_float32(synthetic, model_dir, tmp_path):
