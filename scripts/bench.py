@@ -39,6 +39,7 @@ sees no GPU.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import pathlib
@@ -248,8 +249,9 @@ def peaks_alone(part: str, cfg: Config, own: str | None = None) -> dict:
     Why: in the timing run both sides share one process, so each side's sampled peak
     includes the other's resident memory and the allocator's leftovers (in one run the
     sampled peaks were 8005 and 7962 MiB; alone, the same two steps peaked at 6239 and
-    3021). Each child imports both frameworks and builds the same weights, so what differs
-    between the two figures is the side's own step: compile, activations, buffers.
+    3021). Each child imports both frameworks and builds the same weights, then keeps only
+    its side's copy of them (`side_weights`), so what differs between the two figures is the
+    side's own step: compile, activations, buffers.
     `own` (`peaks_own_framework`) makes each child import only its own framework instead.
     """
     import subprocess
@@ -316,22 +318,46 @@ def run_side_alone(
         models = own_framework_models(label, cfg, own)
     else:
         setup_devices(cfg)
-        models = build_models(cfg)
+        models = side_weights(build_models(cfg), label)
+        release_heap()
     if part == "train":
         images, labels = synthetic_batch(cfg)
         if label == "leopard_jax":
-            side, _ = JaxTrain(models, cfg, images, labels).side(last=True)
+            jax_train = JaxTrain(models, cfg, images, labels)
+            models = None  # the step's state holds the weights now
+            release_heap()
+            side, _ = jax_train.side(last=True)
         else:
             side, _ = torch_train_side(models, cfg, images, labels)
     elif part == "embed":
         images = synthetic_images(cfg)
-        make = jax_embed_side if label == "leopard_jax" else torch_embed_side
-        side, _ = make(models, cfg, images)
+        if label == "leopard_jax":
+            side, _ = jax_embed_side(models, cfg, images, last=True)
+        else:
+            side, _ = torch_embed_side(models, cfg, images)
     else:
         raise BenchError(f"--peak-of measures train or embed, not {part}")
     for _ in range(steps):
         side.step()
     return {"part": part, "side": label, "peak_rss_mib": round(own_peak_rss_mib(), 1)}
+
+
+def side_weights(models: Models, label: str) -> Models:
+    """`models` with only `label`'s copy of the weights: the converted variables for
+    leopard_jax, the torch model for the reference. A side run alone then holds its own
+    weights only (the other copy was ~45 MB of B2 in each child, and the peaks compare the
+    sides' steps)."""
+    other = {"torch_model": None} if label == "leopard_jax" else {"variables": None}
+    return dataclasses.replace(models, **other)
+
+
+def release_heap() -> None:
+    """Free what nothing references and hand the heap's free pages back to the OS (glibc
+    keeps freed chunks resident until trimmed), so a dropped copy lowers the peak after."""
+    from leopard_jax import heap
+
+    gc.collect()
+    heap.release()
 
 
 def time_alternating(
@@ -727,9 +753,13 @@ def train_part(cfg: Config, models: Models, jax_train: JaxTrain | None = None) -
     return result
 
 
-def jax_embed_side(models: Models, cfg: Config, images: np.ndarray) -> tuple[Side, dict]:
+def jax_embed_side(
+    models: Models, cfg: Config, images: np.ndarray, *, last: bool = False
+) -> tuple[Side, dict]:
     """leopard_jax inference as `embed` runs it: `inference.embed_images` on uint8 images
-    (stacked, sent to the local devices, normalised and embedded there)."""
+    (stacked, sent to the local devices, normalised and embedded there), with the weights
+    sent to the devices once. `last=True` then drops `models`' host copy of them, as `embed`
+    keeps only the devices' copy."""
     import jax
 
     from leopard_jax import inference, parallel
@@ -737,6 +767,8 @@ def jax_embed_side(models: Models, cfg: Config, images: np.ndarray) -> tuple[Sid
 
     model = state_lib.build_model(train_config(cfg).model, axis_name=None)
     variables = parallel.replicate(models.variables)
+    if last:
+        models.variables = None
 
     def step() -> np.ndarray:
         return inference.embed_images(
