@@ -1,6 +1,6 @@
 """Throughput of leopard_jax against a PyTorch/cv2 reference, measured in one process run.
 
-    python scripts/bench.py [train|embed|embed_onnx|data|preprocess|local|input|all]
+    python scripts/bench.py [train|embed|embed_onnx|data|preprocess|local|input|layers|all]
         [--batch B] [--size H,W] [--json OUT] [--device cpu|gpu] [--dtype float32|bfloat16]
         [--steps N] [--u2netp U2NETP.onnx] [--yolox YOLOX_NANO.onnx] [--step-ms 206]
 
@@ -8,7 +8,9 @@
 the same reference as `embed`; `local` (scripts/bench_local.py) and `input`
 (scripts/bench_input.py: loader-only images/s, the real training loop with a stand-in step
 of --step-ms as a fraction of the stand-in's rate, the epoch-boundary stall; batch 64 at
-256×512 as its targets are stated) have no reference side and report their own figures.
+256×512 as its targets are stated) have no reference side and report their own figures;
+`layers` (scripts/bench_layers.py) times B2's 3×3 and depthwise convolutions one by one,
+forward and backward, against PyTorch's, summed per kind over a training step.
 
 For each part both sides run in this process, alternating (leopard_jax k steps, reference
 k steps, repeat) after warm-up, so a machine that is busy or throttles hurts both alike.
@@ -61,7 +63,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from leopard_jax import cli  # noqa: E402  (after the path: runs from a checkout too)
 
-PARTS = ("train", "embed", "embed_onnx", "data", "preprocess", "local", "input")
+PARTS = ("train", "embed", "embed_onnx", "data", "preprocess", "local", "input", "layers")
 # data: long rounds, because a loader's read-ahead (up to a few batches made while the last
 # drained batch was awaited) inflates short rounds; 6-batch rounds overstated grain 3x here.
 DEFAULT_STEPS = {"train": 6, "embed": 10, "embed_onnx": 10, "data": 40, "preprocess": 8}
@@ -1194,6 +1196,15 @@ def local_part(cfg: Config) -> dict:
     return {"part": "local", "figures": bench_local.bench_local(queries=1000, top_k=20)}
 
 
+def layers_part(cfg: Config) -> dict:
+    """B2's 3×3 and depthwise convolutions one by one, forward and backward, against
+    PyTorch's at the training step's shapes (`bench_layers`): where the step's gap is."""
+    import bench_layers
+
+    figures, rows = bench_layers.bench_layers(cfg.batch, cfg.height, cfg.width)
+    return {"part": "layers", "figures": figures, "layers": rows}
+
+
 def table(results: list[dict]) -> str:
     head = (
         f"{'part':<22}{'leopard_jax img/s':>18}{'reference img/s':>17}{'ratio':>9}"
@@ -1270,6 +1281,8 @@ def run(
             found = local_part(cfg)
         elif part == "input":
             found = input_part(cfg)
+        elif part == "layers":
+            found = layers_part(cfg)
         else:
             try:
                 found = data_part(cfg) if part == "data" else preprocess_part(cfg)

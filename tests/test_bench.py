@@ -207,3 +207,44 @@ def test_each_side_alone_with_its_own_framework_only(models):
 def test_peak_of_measures_train_or_embed_only(capsys):
     assert bench.main(["local", "--peak-of=reference"]) == 2
     assert "--peak-of needs one part: train or embed" in capsys.readouterr().err
+
+
+def test_layers_are_b2s_convolutions():
+    """bench_layers' list holds exactly the 3×3 and depthwise kernels of B2's parameters."""
+    import collections
+
+    import jax
+    import jax.numpy as jnp
+
+    from leopard_jax.train import state as state_lib
+
+    layers = importlib.import_module("bench_layers")
+    cfg = bench.Config(batch=1, height=64, width=128)
+    assert cfg.backbone == "efficientnetv2_b2"
+    model = state_lib.build_model(bench.train_config(cfg).model, axis_name=None)
+    image = jnp.zeros((1, 64, 128, 4))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+    in_model = collections.Counter(
+        leaf.shape for leaf in jax.tree.leaves(shapes["params"]) if leaf.shape[:2] == (3, 3)
+    )
+    listed = collections.Counter()
+    for layer in layers.B2_LAYERS:
+        listed[layers.kernel_shape(layer)] += layer.count
+    assert listed == in_model
+
+
+def test_layers_part_times_both_sides_on_the_same_gradients(monkeypatch):
+    """Both sides run every layer; a side that computes other gradients is refused."""
+    layers = importlib.import_module("bench_layers")
+    figures, rows = layers.bench_layers(1, 64, 64, rounds=1, calls=1)
+    assert len(rows) == len(layers.B2_LAYERS)
+    for kind in ("conv3x3", "depthwise"):
+        assert figures[f"{kind}_ms"] > 0 and figures[f"{kind}_reference_ms"] > 0
+        ratio = figures[f"{kind}_reference_ms"] / figures[f"{kind}_ms"]
+        assert figures[f"{kind}_ratio"] == pytest.approx(ratio, rel=0.01)  # of unrounded sums
+    torch_layer = layers.torch_layer
+    monkeypatch.setattr(
+        layers, "torch_layer", lambda layer, x, k, dy: torch_layer(layer, x, 2 * k, dy)
+    )
+    with pytest.raises(ValueError, match="gradients differ"):
+        layers.bench_layers(1, 64, 64, rounds=1, calls=1)
