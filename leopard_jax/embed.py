@@ -200,7 +200,7 @@ def load(checkpoint, backend: str, dtype: str, settings, dataset_dir) -> Loaded:
         return Loaded("onnx", path, description, weights_sha1, embed_onnx)
 
     # Sent to the devices once; the host copy goes with this frame (on a CPU the two were
-    # two copies of the weights in one process: 40 MB of B2).
+    # two copies of most of the weights in one process: ~36 of B2's 45 MB).
     on_devices = parallel.replicate(variables)
 
     def embed_jax(images, **kw):
