@@ -16,9 +16,8 @@ without the rest of the step around it.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
+import bench
 import numpy as np
 
 
@@ -113,15 +112,6 @@ def torch_layer(layer: Layer, x: np.ndarray, kernel: np.ndarray, dy: np.ndarray)
     return step
 
 
-def median_ms(step, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def bench_layers(
     batch: int,
     height: int,
@@ -132,28 +122,27 @@ def bench_layers(
     tolerance: float = 1e-4,
 ) -> tuple[dict, list[dict]]:
     """(figures per kind, one row per layer shape): ms per training step, each side's
-    median over `rounds` alternating rounds of `calls` calls after a warm-up. Raises
+    median per call over `rounds` rounds of `calls` calls, alternating as every bench part
+    does (`bench.time_alternating`), after a first call that compiles and warms up. Raises
     ValueError if a stride-1 layer's gradients differ between the sides."""
     rng = np.random.default_rng(seed)
     rows = []
     for layer in B2_LAYERS:
         h, w = height // layer.scale, width // layer.scale
         x = rng.standard_normal((batch, h, w, layer.cin), np.float32)
-        kernel = (rng.standard_normal(kernel_shape(layer), np.float32) * 0.1).astype(np.float32)
-        dy = rng.standard_normal((batch, h // layer.stride, w // layer.stride, layer.cout))
-        dy = dy.astype(np.float32)
-        sides = {
-            "leopard_jax": jax_layer(layer, x, kernel, dy),
-            "reference": torch_layer(layer, x, kernel, dy),
-        }
-        first = [step() for step in sides.values()]  # compiles, warms up
+        kernel = rng.standard_normal(kernel_shape(layer), np.float32) * np.float32(0.1)
+        dy = rng.standard_normal(
+            (batch, h // layer.stride, w // layer.stride, layer.cout), np.float32
+        )
+        sides = [
+            bench.Side("leopard_jax", jax_layer(layer, x, kernel, dy), batch),
+            bench.Side("reference", torch_layer(layer, x, kernel, dy), batch),
+        ]
+        first = [side.step() for side in sides]  # compiles, warms up
         if (gap := disagreement(layer, *first)) > tolerance:
             raise ValueError(f"{layer}: the two sides' gradients differ by {gap:.1e}")
-        times = {label: [] for label in sides}
-        for _ in range(rounds):
-            for label, step in sides.items():
-                times[label].append(median_ms(step, calls))
-        ours, ref = (statistics.median(times[label]) for label in sides)
+        timing = bench.time_alternating(sides, steps=rounds * calls, rounds=rounds, warmup=0)
+        ours, ref = (timing[side.label]["step_s_median"] * 1000 for side in sides)
         rows.append(
             {
                 **dataclasses.asdict(layer),
@@ -166,7 +155,7 @@ def bench_layers(
     for kind in ("conv3x3", "depthwise"):
         ours = sum(r["leopard_jax_ms"] * r["count"] for r in rows if r["kind"] == kind)
         ref = sum(r["reference_ms"] * r["count"] for r in rows if r["kind"] == kind)
-        figures[f"{kind}_ms"] = round(ours, 1)
-        figures[f"{kind}_reference_ms"] = round(ref, 1)
-        figures[f"{kind}_ratio"] = round(ref / ours, 3)
+        figures[f"{kind}_ms"] = ours = round(ours, 1)
+        figures[f"{kind}_reference_ms"] = ref = round(ref, 1)
+        figures[f"{kind}_ratio"] = round(ref / ours, 3)  # of the figures as printed
     return figures, rows
