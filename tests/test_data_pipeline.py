@@ -171,6 +171,22 @@ def test_worker_processes_give_the_same_stream_and_state(dataset):
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_batches_from_worker_processes_are_in_this_processs_own_memory(dataset):
+    """Not views of a worker's shared-memory segment: on the CPU backend the devices would
+    alias it, and JAX lets go of aliased host memory late (see `_out_of_shared_memory`)."""
+    path, rows = dataset
+    data = pipeline.train_loader(
+        rows, path, global_batch=8, seed=0, epoch=0, num_devices=1, worker_count=1
+    )
+    try:
+        batch = next(iter(data))
+    finally:
+        data.close()
+    assert batch
+    for key, value in batch.items():
+        assert type(value) is np.ndarray and value.base is None, (key, type(value))
+
+
 def test_bad_inputs_fail_clearly(dataset, tmp_path):
     path, rows = dataset
     with pytest.raises(ValueError, match="no training images"):
