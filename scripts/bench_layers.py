@@ -64,7 +64,7 @@ def jax_layer(layer: Layer, x: np.ndarray, kernel: np.ndarray, dy: np.ndarray):
 
     from leopard_jax.models import layers
 
-    pad = ((1, 1), (1, 1)) if layer.stride == 1 else ((0, 1), (0, 1))  # TF-same, even sizes
+    pad = layers.resolve_padding("tf_same", x.shape[1:3], 3, layer.stride)  # as the model pads
     conv = layers.depthwise_conv_shifted if layer.kind == "depthwise" else layers.conv_xla
     argnums = (0, 1) if layer.input_grad else (1,)
 
