@@ -1,9 +1,13 @@
 """grain pipeline over a records dataset written from synthetic photos."""
 
 import collections
+import gc
+import sys
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
+from grain._src.python.ipc import shared_memory_array
 
 from leopard_jax.data import augment, pipeline, records, synthetic
 
@@ -185,6 +189,54 @@ def test_batches_from_worker_processes_are_in_this_processs_own_memory(dataset):
     assert batch
     for key, value in batch.items():
         assert type(value) is np.ndarray and value.base is None, (key, type(value))
+
+
+def _segment_exists(name: str) -> bool:
+    try:
+        shared_memory.SharedMemory(name).close()  # (attached only to ask)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _worker_array(value) -> shared_memory_array.SharedMemoryArray:
+    """An array as grain hands it over from a worker: in a segment this process unlinks."""
+    array = shared_memory_array.SharedMemoryArray(np.shape(value), np.float32)
+    array[...] = value
+    array.unlink_on_del()
+    return array
+
+
+def test_a_batch_read_from_shared_memory_unlinks_its_segments_once(monkeypatch):
+    """The copy unlinks the segment at once; grain's deleter must not unlink it again
+    (that would raise in its `__del__`)."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    leaf = _worker_array(np.arange(6.0).reshape(2, 3))
+    name = leaf.shm.name
+    batch = pipeline._out_of_shared_memory({"image": leaf, "label": np.int32(3)})
+    assert not _segment_exists(name)
+    np.testing.assert_array_equal(batch["image"], np.arange(6.0).reshape(2, 3))
+    assert type(batch["image"]) is np.ndarray and batch["image"].base is None
+    del leaf
+    gc.collect()
+    assert unraisable == []
+
+
+def test_release_unlinks_batches_held_in_cycles_and_any_dropped_later():
+    """grain keeps a stream's last batch in a reference cycle and unlinks from a background
+    thread: release collects and waits; a batch dropped after it is unlinked at once."""
+    shared_memory_array.SharedMemoryArray.enable_async_del(1)  # as a worker stream does
+    cycle = {"batch": _worker_array(np.ones(4))}
+    cycle["self"] = cycle
+    in_cycle = cycle["batch"].shm.name
+    late = _worker_array(np.zeros(4))
+    late_name = late.shm.name
+    del cycle
+    pipeline.release_shared_memory()
+    assert not _segment_exists(in_cycle)
+    del late
+    assert not _segment_exists(late_name)
 
 
 def test_bad_inputs_fail_clearly(dataset, tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from grain._src.python.ipc import shared_memory_array  # grain's segment deleter
 
 from leopard_jax.data import augment as augment_lib
 from leopard_jax.data import records, sampling
@@ -112,12 +113,20 @@ def _batched(
 
 
 def _out_of_shared_memory(batch: Any) -> Any:
-    """The batch in this process's own memory, so its worker's shared-memory segment is
-    unlinked as soon as grain lets go of it. On the CPU backend `device_put` aliases host
-    memory, and JAX drops its hold on that memory from its own threads, deferred to a later
-    garbage collection: a segment the devices aliased could outlive `release_shared_memory`
-    and be reported leaked at exit. One host copy per batch, on the reading thread."""
-    return jax.tree.map(np.array, batch)
+    """The batch in this process's own memory, its worker's shared-memory segments unlinked
+    now, on the reading thread. Two reasons: on the CPU backend `device_put` aliases host
+    memory, and JAX lets go of it late, from its own threads; and grain's iterators hold
+    batches in reference cycles, freed only by a collection. Either way a segment could outlive
+    `release_shared_memory` and be reported leaked at exit. One host copy per batch."""
+    return jax.tree.map(_own_copy, batch)
+
+
+def _own_copy(leaf: Any) -> Any:
+    copy = np.array(leaf)
+    if isinstance(leaf, shared_memory_array.SharedMemoryArray) and leaf._unlink_on_del:
+        leaf.shm.unlink()  # the name goes now; the mapping with the array (grain closes it)
+        leaf._unlink_on_del = False  # grain's deleter must not unlink it a second time
+    return copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +159,16 @@ def release_shared_memory() -> None:
     """Unlink now the worker shared memory of batches the caller has dropped (call after
     `Epoch.close()` and dropping every batch). grain unlinks each segment from a background
     thread, and its iterators sit in reference cycles: a process that exits right after a
-    stop would leave segments behind (Python reports them as leaked)."""
-    from grain._src.python.ipc import shared_memory_array  # grain's own deleter thread
-
-    gc.collect()
+    stop would leave segments behind (Python reports them as leaked). From here on a dropped
+    batch unlinks its segments at once, on the thread that drops it (also during the
+    interpreter's last collection, when grain's thread no longer runs); the next stream
+    that starts workers turns grain's background deleter on again."""
     pool = shared_memory_array.SharedMemoryArray._del_thread_pool
+    shared_memory_array.SharedMemoryArray._disable_async_del()
+    gc.collect()  # the cycles' batches: unlinked during the collection
     if pool is not None:
-        pool.apply(lambda: None)  # queued behind the pending unlinks: returns after them
+        pool.close()
+        pool.join()  # returns once the unlinks queued before are done
 
 
 def train_table(
