@@ -134,7 +134,7 @@ class Epoch:
     """`steps` batches (of `num_epochs` epochs, less the `start_step` skipped in the first).
     `iter(epoch)` is always the same grain iterator, whose get_state()/set_state() save and
     restore the position (a small dict); `close()` stops its worker processes, also
-    mid-stream (the caller then drops its batches, which live in their shared memory)."""
+    mid-stream (then `release_shared_memory()` unlinks the batches grain had buffered)."""
 
     iterator: grain.DatasetIterator
     steps: int

@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             batches.close()  # its reading thread first: it reads from `data`
         if data is not None:
             data.close()  # stops the workers, also mid-epoch
-            data = batches = batch = None  # batches live in worker shared memory
+            data = batches = batch = None  # the stream holds batches in shared memory
             pipeline.release_shared_memory()
         stop.restore()
         reporter.close()
