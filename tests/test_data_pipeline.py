@@ -224,7 +224,7 @@ def test_a_batch_read_from_shared_memory_unlinks_its_segments_once(monkeypatch):
 
 
 def test_release_unlinks_batches_held_in_cycles_and_any_dropped_later():
-    """grain keeps a stream's last batch in a reference cycle and unlinks from a background
+    """grain's iterators hold batches in reference cycles and it unlinks from a background
     thread: release collects and waits; a batch dropped after it is unlinked at once."""
     shared_memory_array.SharedMemoryArray.enable_async_del(1)  # as a worker stream does
     cycle = {"batch": _worker_array(np.ones(4))}

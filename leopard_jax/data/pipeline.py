@@ -124,7 +124,7 @@ def _out_of_shared_memory(batch: Any) -> Any:
 def _own_copy(leaf: Any) -> Any:
     copy = np.array(leaf)
     if isinstance(leaf, shared_memory_array.SharedMemoryArray) and leaf._unlink_on_del:
-        leaf.shm.unlink()  # the name goes now; the mapping with the array (grain closes it)
+        leaf.shm.unlink()  # the name goes now; the mapping stays until grain closes it
         leaf._unlink_on_del = False  # grain's deleter must not unlink it a second time
     return copy
 
